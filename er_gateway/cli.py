@@ -1,0 +1,154 @@
+"""Command line: serve the gateway (default) or manage keys (`keys create|list|revoke|rotate`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from . import keys as keystore
+from .settings import OPTIONS, SettingsError, add_arguments, load_settings
+
+BANNER = """
+================================================================================
+  First start: created API key "default" (admin) in {path}
+  Store it now — only its hash is kept, it cannot be shown again:
+
+      {key}
+
+  Try it:  curl -H "Authorization: Bearer {key}" http://127.0.0.1:{port}/v1/models
+================================================================================
+"""
+
+DESCRIPTION = """\
+Authenticated, rate-limited gateway for Qwen3 embedding and reranker models served by vLLM.
+Configuration precedence: flag > environment variable (ER_*) > config file (--config) > default.
+
+key management:
+  %(prog)s keys create --name NAME [--rpm N] [--tpm N] [--models a,b] [--expires YYYY-MM-DD] [--admin]
+  %(prog)s keys list | keys revoke NAME | keys rotate NAME
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedding_reranker_proxy.py",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    sub = parser.add_subparsers(dest="command", metavar="{keys}")
+    keys = sub.add_parser("keys", help="manage API keys (see `keys -h`)")
+    keys.add_argument("--keys-file", dest="keys_file", default=argparse.SUPPRESS,
+                      help="keys file [env ER_KEYS_FILE; default: er_api_keys.json]")
+    keys.add_argument("--config", dest="config", default=argparse.SUPPRESS, help="config file")
+    ks = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke,rotate}")
+    create = ks.add_parser("create", help="create a key; prints only the key")
+    create.add_argument("--name", required=True)
+    create.add_argument("--rpm", type=int, help="requests per minute (default: the gateway's --rate-limit)")
+    create.add_argument("--rate-limit", help="any limit spec instead of --rpm, e.g. 10/second")
+    create.add_argument("--tpm", type=int, help="token budget per minute (counted from vLLM's usage)")
+    create.add_argument("--models", help="comma-separated models this key may use (default: all)")
+    create.add_argument("--expires", help="last valid day, YYYY-MM-DD (UTC), or an ISO datetime")
+    create.add_argument("--admin", action="store_true", help="may call POST /reload_model")
+    ks.add_parser("list", help="list keys (never shows a key)")
+    revoke = ks.add_parser("revoke", help="revoke a key (takes effect within 2 s)")
+    revoke.add_argument("name")
+    rotate = ks.add_parser("rotate", help="give a key a new secret; prints only the new key")
+    rotate.add_argument("name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command", None)
+    if command == "keys":
+        return keys_command(args)
+    cli = {o.field: args[o.field] for o in OPTIONS if o.field in args}
+    try:
+        settings = load_settings(cli)
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return serve(settings, cli)
+
+
+def keys_command(args: dict[str, Any]) -> int:
+    try:
+        path = load_settings({k: args[k] for k in ("keys_file", "config") if k in args}).keys_file
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cmd = args["keys_command"]
+    try:
+        if cmd == "create":
+            rate = args.get("rate_limit") or (f"{args['rpm']}/minute" if args.get("rpm") else None)
+            key = keystore.create_key(
+                path,
+                args["name"],
+                rate_limit=rate,
+                token_limit=f"{args['tpm']}/minute" if args.get("tpm") else None,
+                models=[m.strip() for m in args["models"].split(",") if m.strip()] if args.get("models") else None,
+                expires=args.get("expires"),
+                admin=args.get("admin", False),
+            )
+            print(key)
+        elif cmd == "list":
+            rows = keystore.read_keys(path)
+            print(f"{'NAME':<20} {'KEY':<10} {'STATE':<8} {'RATE':<14} {'TOKENS':<14} {'MODELS':<30} {'EXPIRES':<12} CREATED")
+            for k in rows:
+                state = "revoked" if k.revoked else "expired" if k.expired(time.time()) else "active"
+                models = ",".join(k.models) if k.models is not None else "*"
+                print(f"{k.name:<20} {k.hint + '…':<10} {state:<8} {k.rate_limit or 'default':<14} "
+                      f"{k.token_limit or '-':<14} {models:<30} {k.expires or '-':<12} {k.created}"
+                      f"{'  admin' if k.admin else ''}")
+        elif cmd == "revoke":
+            keystore.revoke_key(path, args["name"])
+            print(f"revoked {args['name']!r}", file=sys.stderr)
+        elif cmd == "rotate":
+            print(keystore.rotate_key(path, args["name"]))
+    except FileNotFoundError:
+        print(f"error: keys file {path} does not exist", file=sys.stderr)
+        return 1
+    except (keystore.KeysFileError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve(settings: Any, cli: dict[str, Any]) -> int:
+    import uvicorn
+
+    from .app import SETTINGS_ENV, create_app
+
+    try:
+        created = keystore.ensure_keys_file(settings.keys_file)
+    except keystore.KeysFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if created:
+        print(BANNER.format(path=os.path.abspath(settings.keys_file), key=created, port=settings.port), flush=True)
+    common: dict[str, Any] = dict(
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=None,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+        timeout_graceful_shutdown=30,
+        backlog=4096,
+    )
+    if settings.workers > 1:
+        env = {o.env: os.environ[o.env] for o in OPTIONS if o.env in os.environ}
+        os.environ[SETTINGS_ENV] = orjson.dumps({"cli": cli, "env": env}).decode()
+        uvicorn.run("er_gateway.app:create_app_from_env", factory=True, workers=settings.workers, **common)
+    else:
+        uvicorn.run(create_app(settings, cli), **common)
+    return 0

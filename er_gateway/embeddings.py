@@ -1,0 +1,104 @@
+"""POST /v1/embeddings: forward as bytes, wrap Qwen3 queries, split big batches.
+
+The common case (no gateway extras, batch within `max_batch_inputs`) sends
+the client's body unchanged and returns vLLM's body unchanged: vectors are
+never decoded. Only a split batch is re-assembled (orjson keeps floats exact
+and base64 strings are copied as they are).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from .errors import GatewayError
+from .gateway import Admission, Gateway, usage_tokens
+from .protocol import EmbeddingRequest
+from .qwen3 import embedding_query
+from .upstream import Pool
+
+PATH = "/v1/embeddings"
+QUERY_TYPES = ("query", "search_query")
+
+
+async def create_embeddings(
+    gw: Gateway, adm: Admission, req: EmbeddingRequest, data: dict[str, Any], raw: bytes
+) -> Response:
+    pool = gw.resolve(req.model, "embedding", adm.key)
+    adm.info.model = pool.model.name
+    changed = _apply_gateway_fields(gw, pool, req, data)
+    if req.model is not None and req.model != pool.model.backend_name:
+        data["model"] = pool.model.backend_name  # an alias, or a name that differs upstream
+        changed = True
+    inputs = data["input"]
+    many = isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
+    adm.info.items = len(inputs) if many else 1
+    limit = gw.settings.max_batch_inputs
+    if many and len(inputs) > limit:
+        body = await _split(gw, pool, adm, data, inputs, limit)
+    else:
+        result = await gw.call(pool, PATH, orjson.dumps(data) if changed else raw, adm.info)
+        body = result.body
+        if not body.lstrip()[:1] == b"{":
+            raise GatewayError(502, "backend answered with something that is not JSON")
+    await gw.charge_tokens(adm, pool.model.name, usage_tokens(body))
+    return Response(body, media_type="application/json", headers=adm.headers)
+
+
+def _apply_gateway_fields(gw: Gateway, pool: Pool, req: EmbeddingRequest, data: dict[str, Any]) -> bool:
+    """Wrap query texts in the Qwen3 instruction; documents pass as they are."""
+    if req.instruction is None and req.input_type is None:
+        return False
+    data.pop("instruction", None)
+    data.pop("input_type", None)
+    is_query = req.input_type in QUERY_TYPES or (req.input_type is None and req.instruction is not None)
+    if not is_query:
+        return True
+    instruction = req.instruction or pool.model.instruction or gw.settings.default_instruction
+    inputs = data["input"]
+    if isinstance(inputs, str):
+        data["input"] = embedding_query(inputs, instruction)
+    elif all(isinstance(x, str) for x in inputs):
+        data["input"] = [embedding_query(x, instruction) for x in inputs]
+    else:
+        raise GatewayError(
+            400, "instruction/input_type need text input, not token ids", param="input"
+        )
+    return True
+
+
+async def _split(
+    gw: Gateway, pool: Pool, adm: Admission, data: dict[str, Any], inputs: list[Any], size: int
+) -> bytes:
+    chunks = [inputs[i : i + size] for i in range(0, len(inputs), size)]
+    bodies = [orjson.dumps({**data, "input": c}) for c in chunks]
+    answers = await asyncio.gather(*(gw.call(pool, PATH, b, adm.info) for b in bodies), return_exceptions=True)
+    for a in answers:
+        if isinstance(a, BaseException):
+            raise a
+    merged: dict[str, Any] | None = None
+    items: list[dict[str, Any]] = []
+    usage: dict[str, int] = {}
+    offset = 0
+    for chunk, answer in zip(chunks, answers):
+        try:
+            part = orjson.loads(answer.body)  # type: ignore[union-attr]
+            part_items = part["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise GatewayError(502, "backend answered with something that is not an embeddings list") from None
+        for item in part_items:
+            item["index"] = item.get("index", 0) + offset
+        items.extend(part_items)
+        for k, v in (part.get("usage") or {}).items():
+            if isinstance(v, int):
+                usage[k] = usage.get(k, 0) + v
+        if merged is None:
+            merged = part
+        offset += len(chunk)
+    assert merged is not None
+    merged["data"] = items
+    merged["usage"] = {**(merged.get("usage") or {}), **usage}
+    return orjson.dumps(merged)

@@ -1,0 +1,251 @@
+"""The running gateway's state and the steps every proxied request shares.
+
+`Gateway.admit` authenticates and rate-limits; `Gateway.resolve` finds the
+model's pool and checks the key may use it; `Gateway.call` takes a concurrency
+slot and posts upstream. Routes compose these; none talks to vLLM directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from .errors import GatewayError
+from .keys import ApiKey, KeysFileError, KeyStore
+from .observability import Metrics, Recent, RequestInfo
+from .ratelimit import ConcurrencyGate, RateLimiter
+from .settings import Kind, ModelConfig, Settings, SettingsError, load_settings
+from .upstream import Pool, UpstreamResult, Upstreams
+
+log = logging.getLogger("er_gateway")
+
+_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+
+
+@dataclass
+class Admission:
+    key: ApiKey
+    headers: dict[str, str]
+    info: RequestInfo
+
+
+class Gateway:
+    def __init__(self, settings: Settings, cli_overrides: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.cli_overrides = cli_overrides or {}
+        self.keys = KeyStore(settings.keys_file)
+        self.metrics = Metrics()
+        self.recent = Recent()
+        self.limiter = RateLimiter(
+            settings.rate_limit, settings.token_limit, settings.redis_url, settings.redis_failure_mode
+        )
+        # Each worker process gets its share of the cap, so N workers still send at most N×share.
+        per_worker = max(1, -(-settings.max_concurrency // settings.workers))
+        self.gate = ConcurrencyGate(per_worker, settings.queue_timeout)
+        self.upstreams = Upstreams(settings)
+        self.upstreams.on_error = self._upstream_error  # type: ignore[assignment]
+        self._index_models(settings.models)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.upstreams.start(self.settings.models)
+        self._tasks.append(asyncio.create_task(self._watch_keys()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await self.upstreams.close()
+
+    def _index_models(self, models: list[ModelConfig]) -> None:
+        by_name: dict[str, ModelConfig] = {}
+        for m in models:
+            by_name[m.name] = m
+            for a in m.aliases:
+                by_name[a] = m
+        self.models_by_name = by_name
+
+    async def _watch_keys(self) -> None:
+        # Polling a stat() once a second is cheap and works on every filesystem.
+        while True:
+            await asyncio.sleep(1.0)
+            if self.keys.changed():
+                self.reload_keys()
+
+    def reload_keys(self) -> bool:
+        try:
+            n = self.keys.reload()
+        except (KeysFileError, FileNotFoundError, OSError) as e:
+            log.error("keys file not reloaded, keeping the previous keys: %s", e)
+            return False
+        log.info("reloaded %d API keys from %s", n, self.keys.path)
+        return True
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file and keys; swap atomically (in-flight requests keep the old)."""
+        try:
+            new = load_settings(self.cli_overrides)
+        except SettingsError as e:
+            raise GatewayError(400, f"reload failed, old configuration kept: {e}") from None
+        try:
+            self.keys.reload()
+        except (KeysFileError, FileNotFoundError) as e:
+            raise GatewayError(400, f"reload failed, old configuration kept: {e}") from None
+        self.upstreams.settings = new
+        self.upstreams.replace(new.models)
+        self._index_models(new.models)
+        self.limiter.default_rate = new.rate_limit
+        self.limiter.default_tokens = new.token_limit
+        self.settings = new
+        log.info("configuration reloaded: %s", ", ".join(m.name for m in new.models))
+        return self.model_table()
+
+    # ---- per request -----------------------------------------------------------------------
+    async def admit(self, request: Request, route: str, cost: int = 1) -> Admission:
+        """Authenticate the caller and count the request against its limits."""
+        info: RequestInfo = request.scope["state"]["er"]
+        info.route = route
+        key = self.keys.authenticate(api_key_of(request))
+        info.key_name = key.name
+        headers = await self.limiter.hit_request(key, cost) if cost else {}
+        if key.token_limit or self.limiter.default_tokens:
+            try:
+                headers.update(await self.limiter.check_tokens(key))
+            except GatewayError as e:
+                e.headers = {**headers, **e.headers}
+                raise
+        return Admission(key, headers, info)
+
+    def require_admin(self, key: ApiKey) -> None:
+        if not key.admin:
+            raise GatewayError(403, f"key {key.name!r} is not an admin key")
+
+    def resolve(self, name: str | None, kind: Kind, key: ApiKey) -> Pool:
+        if name is None:
+            model = self.settings.default_model(kind)
+            if model is None:
+                raise GatewayError(404, f"no {kind} model is configured; available: {self._names()}", param="model")
+        else:
+            model = self.models_by_name.get(name)
+            if model is None:
+                raise GatewayError(
+                    404, f"model {name!r} not found; available models: {self._names()}", param="model"
+                )
+        if model.kind != kind:
+            others = ", ".join(m.name for m in self.settings.models if m.kind == kind) or "none"
+            verb = "rerank/score" if kind == "rerank" else "embed"
+            raise GatewayError(
+                400,
+                f"model {model.name!r} is a{'n' if model.kind == 'embedding' else ''} {model.kind} "
+                f"model and cannot {verb}; {kind} models: {others}",
+                param="model",
+            )
+        if key.models is not None and model.name not in key.models and not (set(model.aliases) & set(key.models)):
+            raise GatewayError(403, f"key {key.name!r} may not use model {model.name!r}", param="model")
+        return self.upstreams.pools[model.name]
+
+    async def call(self, pool: Pool, path: str, body: bytes, info: RequestInfo) -> UpstreamResult:
+        """One upstream request under the concurrency cap; timing goes into `info`."""
+        waited = await self.gate.acquire()
+        try:
+            result = await pool.post(path, body, info.request_id)
+        finally:
+            self.gate.release()
+        info.queue_ms += waited * 1000
+        info.upstream_ms += result.upstream_ms
+        info.replica = result.replica
+        info.retries += result.retries
+        if waited:
+            self.metrics.queue_wait.observe(waited)
+        self.metrics.upstream.labels(pool.model.name).observe(result.upstream_ms / 1000)
+        if result.retries:
+            self.metrics.retries.labels(pool.model.name).inc(result.retries)
+        return result
+
+    async def charge_tokens(self, admission: Admission, model: str, tokens: int | None) -> None:
+        if tokens:
+            admission.info.tokens = (admission.info.tokens or 0) + tokens
+            self.metrics.tokens.labels(model, admission.key.name).inc(tokens)
+            await self.limiter.add_tokens(admission.key, tokens)
+
+    # ---- views -----------------------------------------------------------------------------
+    def _names(self) -> str:
+        return ", ".join(sorted(self.models_by_name))
+
+    def model_table(self) -> dict[str, Any]:
+        return {
+            "models": [
+                {"name": m.name, "kind": m.kind, "urls": m.urls, "aliases": m.aliases,
+                 **({"prompt": m.prompt} if m.kind == "rerank" else {})}
+                for m in self.settings.models
+            ]
+        }
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        models: dict[str, Any] = {}
+        up_by_kind: dict[str, bool] = {}
+        all_up = True
+        for name, pool in self.upstreams.pools.items():
+            states = [r.state() for r in pool.replicas]
+            models[name] = {"kind": pool.model.kind, "replicas": states}
+            up = any(s["healthy"] for s in states)
+            up_by_kind[pool.model.kind] = up_by_kind.get(pool.model.kind, False) or up
+            all_up = all_up and all(s["healthy"] for s in states)
+        loaded = bool(up_by_kind) and all(up_by_kind.values())
+        status = "healthy" if loaded and all_up else "degraded" if loaded else "unhealthy"
+        return (200 if loaded else 503), {"status": status, "model_loaded": loaded, "models": models}
+
+    def status_snapshot(self) -> dict[str, Any]:
+        """Everything the /status page shows: health plus the last minute of traffic."""
+        _, health = self.health()
+        traffic = self.recent.summary()
+        for name, entry in health["models"].items():
+            entry["traffic"] = traffic.get(name)
+        return {
+            **health,
+            "in_flight": self.gate.in_flight,
+            "queued": self.gate.waiting,
+            "max_concurrency": self.gate.limit,
+            "ratelimit_storage": "redis" if self.limiter.shared else "memory",
+            "time": time.time(),
+        }
+
+    def _upstream_error(self, model: str, replica: str, kind: str) -> None:
+        self.metrics.upstream_errors.labels(model, replica, kind).inc()
+
+    def refresh_gauges(self) -> None:
+        m = self.metrics
+        m.in_flight.set(self.gate.in_flight)
+        m.waiting.set(self.gate.waiting)
+        now = time.monotonic()
+        for name, pool in self.upstreams.pools.items():
+            for r in pool.replicas:
+                m.replica_healthy.labels(name, r.url).set(1 if r.healthy and now >= r.ejected_until else 0)
+                m.replica_outstanding.labels(name, r.url).set(r.outstanding)
+
+
+def api_key_of(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    return request.query_params.get("api_key") or None
+
+
+def usage_tokens(body: bytes) -> int | None:
+    """`usage.total_tokens` from a vLLM answer without parsing its vectors.
+
+    `usage` is the last field vLLM writes, so searching the tail is enough and
+    vector bytes (numbers or base64, never quotes) cannot contain the key.
+    """
+    tail = body[-512:]
+    m = _TOTAL_TOKENS.search(tail)
+    return int(m.group(1)) if m else None

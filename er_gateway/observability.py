@@ -1,0 +1,310 @@
+"""Logs, the access log, Prometheus metrics and the per-request bookkeeping middleware.
+
+The hot path only builds one string and puts it on a queue; a background
+thread does the file I/O (and rotation), so `tail -f` sees whole lines at once
+without the request waiting on the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import queue
+import secrets
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .settings import Settings
+
+GATEWAY_LOG = "embedding_reranker_proxy.log"
+ACCESS_LOG = "access.log"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out).decode()
+
+
+class _LineWriter(threading.Thread):
+    """Writes finished lines from a queue to a rotating file (and optionally stdout)."""
+
+    def __init__(self, handlers: list[logging.Handler]) -> None:
+        super().__init__(name="er-log-writer", daemon=True)
+        self.queue: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self.handlers = handlers
+
+    def run(self) -> None:
+        while (record := self.queue.get()) is not None:
+            for h in self.handlers:
+                if record.levelno >= h.level:
+                    try:
+                        h.handle(record)
+                    except Exception:  # noqa: BLE001 - a full disk must not kill logging
+                        pass
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.join(timeout=5)
+        for h in self.handlers:
+            h.close()
+
+
+def _rotating(path: Path, settings: Settings) -> logging.Handler:
+    h = logging.handlers.RotatingFileHandler(
+        path, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups, encoding="utf-8"
+    )
+    return h
+
+
+class Logs:
+    """Owns the writer threads of the gateway log and the access log."""
+
+    def __init__(self, settings: Settings) -> None:
+        log_dir = Path(settings.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.json = settings.log_format == "json"
+        fmt: logging.Formatter = (
+            _JsonFormatter() if self.json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        file_h = _rotating(log_dir / GATEWAY_LOG, settings)
+        out_h = logging.StreamHandler(sys.stdout)
+        for h in (file_h, out_h):
+            h.setFormatter(fmt)
+        self._main = _LineWriter([file_h, out_h])
+        self._main.start()
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if isinstance(h, logging.handlers.QueueHandler):
+                root.removeHandler(h)
+        qh = logging.handlers.QueueHandler(self._main.queue)  # type: ignore[arg-type]
+        root.addHandler(qh)
+        root.setLevel(settings.log_level.upper())
+        for name in ("uvicorn", "uvicorn.error"):
+            lg = logging.getLogger(name)
+            lg.handlers = []
+            lg.propagate = True
+        logging.getLogger("uvicorn.access").disabled = True  # our access log replaces it
+
+        self._access: _LineWriter | None = None
+        if settings.access_log:
+            ah = _rotating(log_dir / ACCESS_LOG, settings)
+            ah.setFormatter(logging.Formatter("%(message)s"))
+            self._access = _LineWriter([ah])
+            self._access.start()
+
+    def access(self, fields: dict[str, Any]) -> None:
+        if self._access is None:
+            return
+        if self.json:
+            line = orjson.dumps(fields).decode()
+        else:
+            line = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+        rec = logging.LogRecord("access", logging.INFO, "", 0, line, None, None)
+        self._access.queue.put(rec)
+
+    def close(self) -> None:
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if isinstance(h, logging.handlers.QueueHandler):
+                root.removeHandler(h)
+        self._main.stop()
+        if self._access:
+            self._access.stop()
+
+
+def _text(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    s = str(v)
+    return f'"{s}"' if " " in s or not s else s
+
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "er_requests_total", "Requests by route, model, status and key name",
+            ["route", "model", "status", "key"], registry=r,
+        )
+        self.duration = Histogram(
+            "er_request_duration_seconds", "Total request time in the gateway", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream = Histogram(
+            "er_upstream_duration_seconds", "Time waiting for vLLM", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "er_queue_wait_seconds", "Time waiting for a concurrency slot",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge("er_in_flight_requests", "Requests upstream now", registry=r)
+        self.waiting = Gauge("er_queued_requests", "Requests waiting for a concurrency slot", registry=r)
+        self.rate_limited = Counter("er_rate_limited_total", "429 answers by key name", ["key"], registry=r)
+        self.upstream_errors = Counter(
+            "er_upstream_errors_total", "Upstream failures by model, replica and kind",
+            ["model", "replica", "kind"], registry=r,
+        )
+        self.replica_healthy = Gauge(
+            "er_replica_healthy", "1 when the replica takes traffic", ["model", "replica"], registry=r
+        )
+        self.replica_outstanding = Gauge(
+            "er_replica_outstanding", "Requests in flight to a replica", ["model", "replica"], registry=r
+        )
+        self.tokens = Counter("er_tokens_total", "Tokens reported by vLLM", ["model", "key"], registry=r)
+        self.storage_errors = Counter(
+            "er_ratelimit_storage_errors_total", "Rate-limit storage (Redis) failures", registry=r
+        )
+        self.retries = Counter("er_upstream_retries_total", "Requests retried on another replica", ["model"], registry=r)
+
+
+class Recent:
+    """The last minute of requests, for the status page (a bounded deque: O(1) per request)."""
+
+    def __init__(self, horizon: float = 60.0, maxlen: int = 200_000) -> None:
+        self.horizon = horizon
+        self.events: deque[tuple[float, str, int, float]] = deque(maxlen=maxlen)
+
+    def add(self, model: str, status: int, seconds: float) -> None:
+        self.events.append((time.monotonic(), model, status, seconds))
+
+    def summary(self) -> dict[str, dict[str, float | int | None]]:
+        cutoff = time.monotonic() - self.horizon
+        by_model: dict[str, list[tuple[int, float]]] = {}
+        for t, model, status, seconds in list(self.events):
+            if t >= cutoff:
+                by_model.setdefault(model, []).append((status, seconds))
+        out: dict[str, dict[str, float | int | None]] = {}
+        for model, rows in by_model.items():
+            lat = sorted(s for _, s in rows)
+            n = len(rows)
+            out[model] = {
+                "requests": n,
+                "rps": round(n / self.horizon, 3),
+                "p50_ms": round(lat[int(0.50 * (n - 1))] * 1000, 2),
+                "p95_ms": round(lat[int(0.95 * (n - 1))] * 1000, 2),
+                "error_rate": round(sum(1 for st, _ in rows if st >= 500) / n, 4),
+                "rate_limited": sum(1 for st, _ in rows if st == 429),
+            }
+        return out
+
+
+@dataclass
+class RequestInfo:
+    """What a request did, filled in by the route and read by the middleware."""
+
+    request_id: str
+    start: float
+    route: str = ""
+    key_name: str | None = None
+    model: str | None = None
+    upstream_ms: float = 0.0
+    queue_ms: float = 0.0
+    replica: str | None = None
+    retries: int = 0
+    items: int | None = None
+    tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def new_request_id(incoming: bytes | None) -> str:
+    if incoming:
+        rid = incoming.decode("latin-1")
+        if 0 < len(rid) <= 128 and rid.isprintable():
+            return rid
+    return secrets.token_hex(12)
+
+
+class RequestMiddleware:
+    """Pure ASGI: request id, X-Gateway-Overhead-Ms, access log and request metrics."""
+
+    def __init__(self, app: Any, logs: Logs, metrics: Metrics, recent: Recent) -> None:
+        self.app = app
+        self.logs = logs
+        self.metrics = metrics
+        self.recent = recent
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                incoming = v
+                break
+        info = RequestInfo(new_request_id(incoming), time.perf_counter())
+        scope.setdefault("state", {})["er"] = info
+        status = 500
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                overhead = (time.perf_counter() - info.start) * 1000 - info.upstream_ms - info.queue_ms
+                headers = list(message.get("headers", ()))
+                headers.append((b"x-request-id", info.request_id.encode("latin-1")))
+                if info.route:
+                    headers.append((b"x-gateway-overhead-ms", f"{overhead:.3f}".encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self._record(scope, info, status)
+
+    def _record(self, scope: dict[str, Any], info: RequestInfo, status: int) -> None:
+        total = time.perf_counter() - info.start
+        route = info.route or scope.get("path", "")
+        if info.route:
+            m = self.metrics
+            m.requests.labels(route, info.model or "", str(status), info.key_name or "").inc()
+            m.duration.labels(route).observe(total)
+            if status == 429:
+                m.rate_limited.labels(info.key_name or "").inc()
+            self.recent.add(info.model or "-", status, total)
+        client = scope.get("client")
+        self.logs.access(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+                "request_id": info.request_id,
+                "key": info.key_name,
+                "method": scope.get("method"),
+                "path": scope.get("path"),  # never the query string: it may hold ?api_key=
+                "model": info.model,
+                "status": status,
+                "total_ms": round(total * 1000, 3),
+                "upstream_ms": round(info.upstream_ms, 3),
+                "queue_ms": round(info.queue_ms, 3),
+                "replica": info.replica,
+                "retries": info.retries,
+                "items": info.items,
+                "tokens": info.tokens,
+                "client": f"{client[0]}:{client[1]}" if client else None,
+                **info.extra,
+            }
+        )
+
+

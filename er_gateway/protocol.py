@@ -1,0 +1,74 @@
+"""Request and response shapes of the public API (no logic here).
+
+Requests are validated with pydantic so a wrong type becomes a 400 naming the
+field; unknown fields on embeddings are kept, because vLLM has many extras
+(`truncate_prompt_tokens`, `embed_dtype`, ...) that must reach it untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+TokenIds = list[StrictInt]
+EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64", "bytes"] | None = None
+    dimensions: StrictInt | None = Field(None, ge=1)
+    user: StrictStr | None = None
+    # Gateway extras (Qwen3-Embedding query instruction); never sent upstream.
+    instruction: StrictStr | None = None
+    input_type: Literal["query", "document", "search_query", "search_document"] | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and (not v or any(isinstance(x, list) and not x for x in v)):
+            raise ValueError("input must not be empty")
+        if isinstance(v, str) and v == "":
+            raise ValueError("input must not be an empty string")
+        return v
+
+
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: StrictStr
+
+
+class RerankRequest(BaseModel):
+    """Jina/Cohere rerank, plus seed 000's `max_length` and the Qwen3 `instruction`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    query: StrictStr = Field(min_length=1)
+    documents: list[Union[StrictStr, RerankDocument]] = Field(min_length=1)
+    top_n: StrictInt | None = Field(None, ge=0)
+    return_documents: bool = True
+    instruction: StrictStr | None = None
+    max_length: StrictInt | None = Field(None, ge=1)
+    truncate_prompt_tokens: StrictInt | None = None
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: dict[str, str] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "er-gateway"
+    kind: str

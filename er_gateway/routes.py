@@ -1,0 +1,243 @@
+"""HTTP routes. Each one: admit (auth + limits), read and validate, hand to a service."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from fastapi import APIRouter
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .embeddings import create_embeddings
+from .errors import GatewayError
+from .gateway import Admission, Gateway, api_key_of, usage_tokens
+from .protocol import EmbeddingRequest, RerankRequest
+from .rerank import rerank
+from .status_page import STATUS_HTML
+
+router = APIRouter()
+M = TypeVar("M", bound=BaseModel)
+_STARTED = int(time.time())
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise GatewayError(400, "invalid Content-Length header") from None
+        if too_big:
+            raise GatewayError(413, f"request body is {declared} bytes; the limit is {limit}")
+        return await request.body()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, gw: Gateway) -> tuple[Any, bytes]:
+    raw = await read_body(request, gw.settings.max_body_bytes)
+    if not raw.strip():
+        raise GatewayError(400, "request body is empty; send a JSON object")
+    try:
+        return orjson.loads(raw), raw
+    except orjson.JSONDecodeError as e:
+        raise GatewayError(400, f"malformed JSON: {e}") from None
+
+
+def validate(model: type[M], data: Any) -> M:
+    if not isinstance(data, dict):
+        raise GatewayError(400, "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def validation_error(e: ValidationError) -> GatewayError:
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    field = str(first["loc"][0]) if first["loc"] else "body"
+    # A union (e.g. `input`) reports one error per member; say what is accepted instead.
+    if sum(1 for x in errors if x["loc"] and str(x["loc"][0]) == field) > 1 and field in UNION_HINTS:
+        return GatewayError(400, f"'{field}' must be {UNION_HINTS[field]}", param=field)
+    if first["type"] == "missing":
+        return GatewayError(400, f"'{field}' is required", param=field)
+    where = ".".join(str(p) for p in first["loc"])
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    return GatewayError(400, f"'{where}': {msg}", param=field)
+
+
+UNION_HINTS = {
+    "input": "a non-empty string, a list of strings, a list of token ids or a list of lists of token ids",
+    "documents": "a non-empty list of strings or of {\"text\": ...} objects",
+}
+
+
+# ---- OpenAI ---------------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    gw = gateway_of(request)
+    adm = await gw.admit(request, "/v1/models")
+    data = [
+        {"id": name, "object": "model", "created": _STARTED, "owned_by": "er-gateway", "kind": m.kind}
+        for name, m in gw.models_by_name.items()
+        if adm.key.models is None or m.name in adm.key.models
+    ]
+    return json_response({"object": "list", "data": data}, headers=adm.headers)
+
+
+@router.post("/v1/embeddings")
+@router.post("/embeddings", include_in_schema=False)
+async def embeddings(request: Request) -> Response:
+    gw = gateway_of(request)
+    adm = await gw.admit(request, "/v1/embeddings")
+    data, raw = await read_json(request, gw)
+    req = validate(EmbeddingRequest, data)
+    return await create_embeddings(gw, adm, req, data, raw)
+
+
+# ---- rerank ---------------------------------------------------------------------------------
+async def _rerank_route(request: Request, route: str, seed_shape: bool) -> Response:
+    gw = gateway_of(request)
+    adm = await gw.admit(request, route)
+    data, _ = await read_json(request, gw)
+    req = validate(RerankRequest, data)
+    return json_response(await rerank(gw, adm, req, seed_shape=seed_shape), headers=adm.headers)
+
+
+@router.post("/v1/rerank")
+async def rerank_v1(request: Request) -> Response:
+    return await _rerank_route(request, "/v1/rerank", False)
+
+
+@router.post("/v2/rerank")
+async def rerank_v2(request: Request) -> Response:
+    return await _rerank_route(request, "/v2/rerank", False)
+
+
+@router.post("/rerank")
+async def rerank_seed(request: Request) -> Response:
+    return await _rerank_route(request, "/rerank", True)
+
+
+@router.post("/batch_rerank")
+async def batch_rerank(request: Request) -> Response:
+    """A list of rerank requests → a list of answers or error objects, in the same order.
+
+    Each item is one request against the key's rate limit; items over the limit
+    get their own 429 error object while the others are served.
+    """
+    gw = gateway_of(request)
+    adm = await gw.admit(request, "/batch_rerank", cost=0)
+    data, _ = await read_json(request, gw)
+    items = data.get("requests") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise GatewayError(400, "body must be a non-empty JSON list of rerank requests (or {\"requests\": [...]})",
+                           param="requests")
+    adm.info.items = len(items)
+
+    async def one(item: Any) -> dict[str, Any]:
+        try:
+            headers = await gw.limiter.hit_request(adm.key)
+            adm.headers.update(headers)
+            req = validate(RerankRequest, item)
+            sub = Admission(adm.key, adm.headers, adm.info)
+            return await rerank(gw, sub, req, seed_shape=True)
+        except GatewayError as e:
+            if e.status == 429:
+                adm.headers.update({k: v for k, v in e.headers.items() if k.startswith("X-RateLimit")})
+            return e.payload()
+
+    results = await asyncio.gather(*(one(i) for i in items))
+    return json_response(results, headers=adm.headers)
+
+
+# ---- vLLM score passthrough -----------------------------------------------------------------
+@router.post("/v1/score")
+@router.post("/score")
+async def score_passthrough(request: Request) -> Response:
+    gw = gateway_of(request)
+    adm = await gw.admit(request, "/score")
+    data, raw = await read_json(request, gw)
+    if not isinstance(data, dict):
+        raise GatewayError(400, "request body must be a JSON object")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise GatewayError(400, "'model' must be a string", param="model")
+    pairs = [("text_1", "text_2"), ("queries", "documents"), ("queries", "items"), ("data_1", "data_2")]
+    if not any(a in data and b in data for a, b in pairs):
+        raise GatewayError(400, "'text_1' and 'text_2' are required", param="text_1")
+    for a, b in pairs:
+        for f in (a, b):
+            if f in data and (data[f] == [] or data[f] == ""):
+                raise GatewayError(400, f"'{f}' must not be empty", param=f)
+    pool = gw.resolve(model, "rerank", adm.key)
+    adm.info.model = pool.model.name
+    body = raw
+    if model is not None and model != pool.model.backend_name:
+        body = orjson.dumps({**data, "model": pool.model.backend_name})
+    result = await gw.call(pool, "/score", body, adm.info)
+    await gw.charge_tokens(adm, pool.model.name, usage_tokens(result.body))
+    return Response(result.body, media_type="application/json", headers=adm.headers)
+
+
+# ---- operations -----------------------------------------------------------------------------
+@router.post("/reload_model")
+async def reload_model(request: Request) -> Response:
+    gw = gateway_of(request)
+    adm = await gw.admit(request, "/reload_model")
+    gw.require_admin(adm.key)
+    return json_response({"status": "reloaded", **gw.reload()}, headers=adm.headers)
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    status, body = gateway_of(request).health()
+    return json_response(body, status=status)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    gw = gateway_of(request)
+    if gw.settings.metrics_auth:
+        gw.keys.authenticate(api_key_of(request))
+    gw.refresh_gauges()
+    gw.metrics.storage_errors._value.set(gw.limiter.storage_errors)  # type: ignore[attr-defined]
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/status")
+async def status_page(request: Request) -> Response:
+    gw = gateway_of(request)
+    if gw.settings.status_auth:
+        gw.keys.authenticate(api_key_of(request))
+    return HTMLResponse(STATUS_HTML)
+
+
+@router.get("/status.json")
+async def status_json(request: Request) -> Response:
+    gw = gateway_of(request)
+    if gw.settings.status_auth:
+        gw.keys.authenticate(api_key_of(request))
+    return json_response(gw.status_snapshot())

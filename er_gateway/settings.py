@@ -1,0 +1,268 @@
+"""One typed settings object, filled from flag > environment > config file > default.
+
+Every option is declared once in ``OPTIONS``; the CLI flags, the ``ER_*``
+environment variables, the config-file keys and ``--help`` are all generated
+from that table, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+Kind = Literal["embedding", "rerank"]
+PromptMode = Literal["gateway", "server", "none"]
+
+
+class ModelConfig(BaseModel):
+    """One model the gateway serves: a name clients send and the replicas behind it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Kind
+    urls: list[str] = Field(min_length=1)
+    # The name the vLLM server was started with (--served-model-name); defaults to `name`.
+    served_name: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    prompt: PromptMode = "gateway"
+    instruction: str | None = None
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind_alias(cls, v: Any) -> Any:
+        # "reranker" and "embed" are what people type; accept them.
+        return {"reranker": "rerank", "embed": "embedding", "embeddings": "embedding"}.get(v, v)
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _split_urls(cls, v: Any) -> Any:
+        return split_urls(v) if isinstance(v, str) else v
+
+    @property
+    def backend_name(self) -> str:
+        return self.served_name or self.name
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "0.0.0.0"
+    port: int = 2048
+    config: str | None = None
+    embedding_urls: list[str] = ["http://127.0.0.1:8000"]
+    embedding_model: str = "Qwen3-Embedding-0.6B"
+    reranker_urls: list[str] = ["http://127.0.0.1:8001"]
+    reranker_model: str = "Qwen3-Reranker-0.6B"
+    reranker_prompt: PromptMode = "gateway"
+    default_instruction: str = DEFAULT_INSTRUCTION
+    backend_api_key: str | None = None
+    keys_file: str = "er_api_keys.json"
+    rate_limit: str = "100/minute"
+    token_limit: str | None = None
+    redis_url: str | None = None
+    redis_failure_mode: Literal["open", "closed"] = "open"
+    max_concurrency: int = Field(500, ge=1)
+    queue_timeout: float = Field(30.0, ge=0)
+    timeout: float = Field(600.0, gt=0)
+    connect_timeout: float = Field(5.0, gt=0)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_retries: int = Field(2, ge=0)
+    health_interval: float = Field(5.0, gt=0)
+    health_timeout: float = Field(2.0, gt=0)
+    eject_cooldown: float = Field(5.0, ge=0)
+    max_batch_inputs: int = Field(64, ge=1)
+    max_batch_docs: int = Field(64, ge=1)
+    workers: int = Field(1, ge=1)
+    log_dir: str = "logs"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    log_max_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    log_backups: int = Field(5, ge=0)
+    access_log: bool = True
+    metrics_auth: bool = False
+    status_auth: bool = True
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @field_validator("embedding_urls", "reranker_urls", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return split_urls(v) if isinstance(v, str) else v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _fill_models(self) -> Settings:
+        # Without a `models:` list the flags describe one embedding and one reranker model.
+        if not self.models:
+            self.models = [
+                ModelConfig(name=self.embedding_model, kind="embedding", urls=self.embedding_urls),
+                ModelConfig(
+                    name=self.reranker_model,
+                    kind="rerank",
+                    urls=self.reranker_urls,
+                    prompt=self.reranker_prompt,
+                ),
+            ]
+        names: set[str] = set()
+        for m in self.models:
+            for n in (m.name, *m.aliases):
+                if n in names:
+                    raise ValueError(f"model name {n!r} is configured twice")
+                names.add(n)
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError(
+                "--workers > 1 needs --redis-url: each worker would keep its own in-memory "
+                "rate-limit counters, letting N times the configured rate through"
+            )
+        return self
+
+    def default_model(self, kind: Kind) -> ModelConfig | None:
+        """The model used when a request names none: the flag's name if present, else the first."""
+        wanted = self.embedding_model if kind == "embedding" else self.reranker_model
+        of_kind = [m for m in self.models if m.kind == kind]
+        for m in of_kind:
+            if m.name == wanted or wanted in m.aliases:
+                return m
+        return of_kind[0] if of_kind else None
+
+
+def split_urls(value: str) -> list[str]:
+    return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+
+
+@dataclass(frozen=True)
+class Option:
+    field: str
+    help: str
+    metavar: str | None = None
+    flag: str | None = None  # defaults to --field-with-dashes
+    kind: Literal["value", "bool"] = "value"
+
+    @property
+    def cli(self) -> str:
+        return self.flag or "--" + self.field.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "ER_" + self.field.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "address to listen on", "ADDR"),
+    Option("port", "port to listen on", "PORT"),
+    Option("config", "YAML or TOML config file (same keys as the flags, plus a `models:` list)", "FILE"),
+    Option("embedding_urls", "embedding vLLM replica URL(s), comma-separated", "URL[,URL...]", "--embedding-url"),
+    Option("embedding_model", "name of the default embedding model (vLLM --served-model-name)", "NAME"),
+    Option("reranker_urls", "reranker vLLM replica URL(s), comma-separated", "URL[,URL...]", "--reranker-url"),
+    Option("reranker_model", "name of the default reranker model", "NAME"),
+    Option("reranker_prompt", "who applies the Qwen3-Reranker prompt: gateway | server | none", "MODE"),
+    Option("default_instruction", "instruction used when a request gives none", "TEXT"),
+    Option("backend_api_key", "key sent upstream as Bearer (vLLM --api-key); clients' keys never are", "KEY"),
+    Option("keys_file", "API keys file (hashed keys)", "PATH"),
+    Option("rate_limit", "default per-key request limit, e.g. 100/minute", "SPEC"),
+    Option("token_limit", "default per-key token budget, e.g. 100000/minute (off when unset)", "SPEC"),
+    Option("redis_url", "Redis URL for limits shared by all workers and hosts (redis://host:port/db)", "URL"),
+    Option("redis_failure_mode", "when Redis fails: open (serve, warn, count) | closed (503)", "MODE"),
+    Option("max_concurrency", "max requests upstream at once (per gateway process group)", "N"),
+    Option("queue_timeout", "seconds a request may wait for a concurrency slot before 503", "S"),
+    Option("timeout", "total upstream timeout in seconds (504 after)", "S"),
+    Option("connect_timeout", "upstream connect timeout in seconds", "S"),
+    Option("max_body_bytes", "largest request body accepted (413 above)", "N"),
+    Option("max_retries", "retries on another replica after a connect error or a 503", "N"),
+    Option("health_interval", "seconds between active health checks of each replica", "S"),
+    Option("health_timeout", "timeout of one health check in seconds", "S"),
+    Option("eject_cooldown", "seconds a replica gets no traffic after a connect error, timeout or 5xx", "S"),
+    Option("max_batch_inputs", "embedding inputs per upstream request; larger requests are split", "N"),
+    Option("max_batch_docs", "rerank documents per upstream request; larger requests are split", "N"),
+    Option("workers", "worker processes (more than 1 needs --redis-url)", "N"),
+    Option("log_dir", "directory of embedding_reranker_proxy.log and access.log", "DIR"),
+    Option("log_level", "debug | info | warning | error", "LEVEL"),
+    Option("log_format", "text | json", "FORMAT"),
+    Option("log_max_bytes", "rotate a log file at this size", "N"),
+    Option("log_backups", "rotated log files kept", "N"),
+    Option("access_log", "write logs/access.log", kind="bool"),
+    Option("metrics_auth", "require an API key for GET /metrics", kind="bool"),
+    Option("status_auth", "require an API key for GET /status (?api_key= works in a browser)", kind="bool"),
+    Option("ssl_certfile", "TLS certificate (serve HTTPS)", "FILE"),
+    Option("ssl_keyfile", "TLS private key", "FILE"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Settings.model_fields
+    for opt in OPTIONS:
+        default = defaults[opt.field].default
+        shown = ",".join(default) if isinstance(default, list) else default
+        text = f"{opt.help} [env {opt.env}; default: {shown}]"
+        if opt.kind == "bool":
+            parser.add_argument(
+                opt.cli, dest=opt.field, action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=text,
+            )
+        else:
+            parser.add_argument(
+                opt.cli, dest=opt.field, metavar=opt.metavar, default=argparse.SUPPRESS, help=text
+            )
+
+
+class SettingsError(Exception):
+    """Configuration that cannot start a gateway; the message says what to fix."""
+
+
+def load_settings(cli: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Merge flag > env > config file > default into one validated Settings."""
+    cli = dict(cli or {})
+    env = os.environ if environ is None else environ
+    from_env = {o.field: env[o.env] for o in OPTIONS if env.get(o.env, "") != ""}
+    config_path = cli.get("config") or from_env.get("config")
+    from_file = read_config_file(config_path) if config_path else {}
+    merged: dict[str, Any] = {**from_file, **from_env, **cli}
+    for o in OPTIONS:
+        if o.kind == "bool" and isinstance(merged.get(o.field), str):
+            merged[o.field] = merged[o.field].strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            problems.append(f"{where}: {err['msg']}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SettingsError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(raw.decode())
+        else:
+            data = yaml.safe_load(raw) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise SettingsError(f"cannot parse config file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path} must hold a mapping of settings")
+    # Config files may spell keys with dashes, like the flags.
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    for alias, field in (("embedding_url", "embedding_urls"), ("reranker_url", "reranker_urls")):
+        if alias in data:
+            data[field] = data.pop(alias)
+    return data

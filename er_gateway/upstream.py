@@ -1,0 +1,257 @@
+"""Upstream vLLM replicas: pooled clients, replica choice, retries, health, error mapping.
+
+aiohttp, not httpx: on this machine a thin FastAPI proxy did 3,900 rps with
+aiohttp and 470 rps with httpx at 64 clients (README, "Why aiohttp").
+One ClientSession per backend URL, created at start-up and closed at shutdown.
+Every route that talks to vLLM goes through `Pool.post`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from .errors import GatewayError, parse_backend_error
+from .settings import ModelConfig, Settings
+
+log = logging.getLogger("er_gateway.upstream")
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    session: aiohttp.ClientSession
+    outstanding: int = 0
+    # Active health: False only after a failed check or a refused connection.
+    healthy: bool = True
+    # Passive ejection after a timeout, 5xx or broken connection: no traffic until then,
+    # unless every replica is ejected (then they are used anyway rather than failing).
+    ejected_until: float = 0.0
+    last_error: str | None = None
+    latency_ms: float | None = None
+    requests: int = 0
+    errors: int = 0
+
+    def state(self) -> dict[str, object]:
+        return {
+            "url": self.url,
+            "healthy": self.healthy and time.monotonic() >= self.ejected_until,
+            "last_error": self.last_error,
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
+            "outstanding": self.outstanding,
+            "requests": self.requests,
+        }
+
+
+@dataclass
+class UpstreamResult:
+    body: bytes
+    status: int
+    replica: str
+    upstream_ms: float
+    retries: int = 0
+
+
+@dataclass
+class Pool:
+    """The replicas of one model."""
+
+    model: ModelConfig
+    replicas: list[Replica]
+    settings: Settings
+    headers: dict[str, str] = field(default_factory=dict)
+    on_error: object = None  # callable(replica_url, kind) for metrics
+    _rr: itertools.count = field(default_factory=itertools.count)
+
+    def pick(self, exclude: Iterable[Replica] = ()) -> Replica | None:
+        """Least outstanding requests among usable replicas; ties go round-robin."""
+        now = time.monotonic()
+        excluded = set(exclude)
+        usable = [r for r in self.replicas if r.healthy and r not in excluded]
+        if not usable:
+            return None
+        fresh = [r for r in usable if now >= r.ejected_until]
+        candidates = fresh or usable
+        if len(candidates) == 1:
+            return candidates[0]
+        low = min(r.outstanding for r in candidates)
+        best = [r for r in candidates if r.outstanding == low]
+        return best[next(self._rr) % len(best)]
+
+    def available(self) -> bool:
+        return any(r.healthy for r in self.replicas)
+
+    async def post(self, path: str, body: bytes, request_id: str | None = None) -> UpstreamResult:
+        """POST `body` to a replica; retry elsewhere on connect errors and 503s.
+
+        Returns the 2xx answer; anything else becomes a GatewayError per SPEC.md.
+        4xx answers are the client's fault and are never retried.
+        """
+        headers = self.headers if request_id is None else {**self.headers, "X-Request-ID": request_id}
+        tried: list[Replica] = []
+        last: GatewayError | None = None
+        while True:
+            replica = self.pick(tried)
+            if replica is None:
+                if last is not None:
+                    raise last
+                raise GatewayError(
+                    503,
+                    f"no healthy backend for model {self.model.name!r}",
+                    headers={"Retry-After": str(max(1, round(self.settings.health_interval)))},
+                )
+            tried.append(replica)
+            retries = len(tried) - 1
+            replica.outstanding += 1
+            replica.requests += 1
+            start = time.perf_counter()
+            try:
+                async with replica.session.post(replica.url + path, data=body, headers=headers) as resp:
+                    data = await resp.read()
+                    status = resp.status
+            except aiohttp.ClientConnectorError as e:
+                self._fail(replica, "connect", f"cannot connect: {e.os_error or e}", down=True)
+                last = GatewayError(503, f"backend {replica.url} refused the connection",
+                                    headers={"Retry-After": "1"})
+                if retries < self.settings.max_retries:
+                    continue
+                raise last from None
+            except asyncio.TimeoutError:
+                self._fail(replica, "timeout", "timed out")
+                raise GatewayError(
+                    504, f"backend {replica.url} did not answer within {self.settings.timeout:g} s"
+                ) from None
+            except aiohttp.ServerDisconnectedError:
+                # Embedding and scoring are idempotent, so a dropped keep-alive is safe to retry.
+                self._fail(replica, "disconnect", "server disconnected")
+                last = GatewayError(502, f"backend {replica.url} closed the connection")
+                if retries < self.settings.max_retries:
+                    continue
+                raise last from None
+            except aiohttp.ClientError as e:
+                self._fail(replica, "protocol", str(e))
+                raise GatewayError(502, f"bad answer from backend {replica.url}: {e}") from None
+            finally:
+                replica.outstanding -= 1
+            elapsed = (time.perf_counter() - start) * 1000
+            if status < 400:
+                replica.latency_ms = elapsed
+                return UpstreamResult(data, status, replica.url, elapsed, retries)
+            message, param = parse_backend_error(data)
+            if status == 503:
+                self._fail(replica, "http_503", message)
+                last = GatewayError(503, f"backend unavailable: {message}", headers={"Retry-After": "1"})
+                if retries < self.settings.max_retries:
+                    continue
+                raise last
+            if status >= 500:
+                self._fail(replica, f"http_{status}", message)
+                raise GatewayError(502, f"backend error ({status}): {message}")
+            raise GatewayError(status, message, param=param)
+
+    def _fail(self, replica: Replica, kind: str, message: str, *, down: bool = False) -> None:
+        replica.errors += 1
+        replica.last_error = f"{kind}: {message}"
+        replica.ejected_until = time.monotonic() + self.settings.eject_cooldown
+        if down:
+            replica.healthy = False
+        if self.on_error is not None:
+            self.on_error(self.model.name, replica.url, kind)  # type: ignore[operator]
+        log.warning("replica %s of %s failed (%s): %s", replica.url, self.model.name, kind, message)
+
+
+class Upstreams:
+    """All pools, the shared sessions and the health-check loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.pools: dict[str, Pool] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.on_error = None
+
+    def _session(self, url: str) -> aiohttp.ClientSession:
+        session = self.sessions.get(url)
+        if session is None:
+            s = self.settings
+            connector = aiohttp.TCPConnector(
+                limit=s.max_concurrency, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
+            )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=s.timeout, sock_connect=s.connect_timeout),
+                skip_auto_headers=("User-Agent",),
+                auto_decompress=True,
+            )
+            self.sessions[url] = session
+        return session
+
+    def build(self, models: list[ModelConfig]) -> dict[str, Pool]:
+        """Pools for `models`, reusing sessions and replica state for URLs already known."""
+        headers = {"Content-Type": "application/json"}
+        if self.settings.backend_api_key:
+            headers["Authorization"] = f"Bearer {self.settings.backend_api_key}"
+        known = {r.url: r for p in self.pools.values() for r in p.replicas}
+        pools: dict[str, Pool] = {}
+        for m in models:
+            replicas = [known.get(u) or Replica(u, self._session(u)) for u in m.urls]
+            pools[m.name] = Pool(m, replicas, self.settings, headers, self.on_error)
+        return pools
+
+    async def start(self, models: list[ModelConfig]) -> None:
+        self.pools = self.build(models)
+        self._task = asyncio.create_task(self._health_loop())
+
+    def replace(self, models: list[ModelConfig]) -> None:
+        self.pools = self.build(models)
+
+    def replicas(self) -> list[Replica]:
+        seen: dict[str, Replica] = {}
+        for p in self.pools.values():
+            for r in p.replicas:
+                seen.setdefault(r.url, r)
+        return list(seen.values())
+
+    async def check(self, replica: Replica) -> None:
+        start = time.perf_counter()
+        try:
+            async with replica.session.get(
+                replica.url + "/health", timeout=aiohttp.ClientTimeout(total=self.settings.health_timeout)
+            ) as resp:
+                await resp.read()
+                ok = resp.status == 200
+                error = None if ok else f"health: HTTP {resp.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            ok, error = False, f"health: {type(e).__name__} {e}".strip()
+        if ok and not replica.healthy:
+            log.info("replica %s is healthy again", replica.url)
+            replica.ejected_until = 0.0
+        elif not ok and replica.healthy:
+            log.warning("replica %s failed its health check: %s", replica.url, error)
+        replica.healthy = ok
+        replica.latency_ms = (time.perf_counter() - start) * 1000 if ok else replica.latency_ms
+        if error:
+            replica.last_error = error
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(r) for r in self.replicas()))
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("health check loop failed")
+            await asyncio.sleep(self.settings.health_interval)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for s in self.sessions.values():
+            await s.close()

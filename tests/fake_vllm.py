@@ -1,0 +1,286 @@
+"""A stand-in `vllm serve` for fast tests: answers like vLLM 0.32's pooling server.
+
+Deterministic: an embedding is derived from a hash of the input, a score from
+word overlap and a hash, so the gateway's output can be checked exactly.
+Faults vLLM cannot be made to produce on demand are switched on with
+POST /_admin (delay, 500, 503, garbage, flat pre-0.10.1 errors, hang,
+drop the connection). GET /_stats reports concurrency and the last headers.
+
+    python tests/fake_vllm.py --port 8000 --kind embedding --name Qwen3-Embedding-0.6B
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import math
+import struct
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+def embed_vector(item: str | list[int], dim: int) -> list[float]:
+    seed = item.encode() if isinstance(item, str) else orjson.dumps(item)
+    raw = b""
+    counter = 0
+    while len(raw) < dim * 4:
+        raw += hashlib.sha256(seed + counter.to_bytes(4, "little")).digest()
+        counter += 1
+    vals = [((b / 255.0) * 2 - 1) for b in raw[: dim]]
+    norm = math.sqrt(sum(v * v for v in vals)) or 1.0
+    # float32 round trip so base64 and float answers agree exactly, as in vLLM
+    return [struct.unpack("<f", struct.pack("<f", v / norm))[0] for v in vals]
+
+
+def pair_score(q: str, d: str) -> float:
+    qw, dw = set(q.lower().split()), set(d.lower().split())
+    overlap = len(qw & dw) / (len(qw) or 1)
+    jitter = int.from_bytes(hashlib.sha256((q + "\x00" + d).encode()).digest()[:4], "little") / 2**32
+    return round(0.8 * overlap + 0.2 * jitter, 6)
+
+
+def count_tokens(item: str | list[int]) -> int:
+    return len(item) if isinstance(item, list) else len(item.split()) + 1
+
+
+class Fake:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.kind = args.kind
+        self.name = args.name
+        self.dim = args.dim
+        self.max_len = args.max_model_len
+        self.matryoshka = args.matryoshka
+        self.delay = args.delay
+        self.fault: str | None = None
+        self.current = 0
+        self.max_seen = 0
+        self.requests = 0
+        self.by_path: dict[str, int] = {}
+        self.last_headers: dict[str, str] = {}
+        self.last_body: Any = None
+        self.flat_errors = args.flat_errors
+
+    # --- helpers ---------------------------------------------------------------------------
+    def error(self, status: int, message: str, etype: str, param: str | None = None) -> web.Response:
+        if self.flat_errors:
+            body = {"object": "error", "message": message, "type": etype, "param": param, "code": status}
+        else:
+            body = {"error": {"message": message, "type": etype, "param": param, "code": status}}
+        return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+    def check_model(self, data: dict[str, Any]) -> web.Response | None:
+        model = data.get("model")
+        if model is not None and model != self.name:
+            return self.error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        return None
+
+    async def guarded(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests += 1
+        self.by_path[request.path] = self.by_path.get(request.path, 0) + 1
+        self.current += 1
+        self.max_seen = max(self.max_seen, self.current)
+        self.last_headers = dict(request.headers)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            fault = self.fault
+            if fault == "500":
+                return self.error(500, "EngineCore encountered an issue", "InternalServerError")
+            if fault == "503":
+                return self.error(503, "The server is overloaded", "ServiceUnavailableError")
+            if fault == "garbage":
+                return web.Response(body=b"<html>oops</html>", status=200, content_type="text/html")
+            if fault == "hang":
+                await asyncio.sleep(3600)
+            if fault == "drop":
+                assert request.transport is not None
+                request.transport.close()
+                raise ConnectionResetError
+            try:
+                data = orjson.loads(await request.read())
+            except orjson.JSONDecodeError:
+                return self.error(400, "Expecting value: line 1 column 1 (char 0)", "BadRequestError")
+            self.last_body = data
+            if not isinstance(data, dict):
+                return self.error(400, "Input should be a valid dictionary", "BadRequestError")
+            return await handler(data)
+        finally:
+            self.current -= 1
+
+    # --- routes ----------------------------------------------------------------------------
+    async def embeddings(self, data: dict[str, Any]) -> web.Response:
+        if self.kind != "embedding":
+            return web.Response(body=b'{"detail":"Not Found"}', status=404, content_type="application/json")
+        if (bad := self.check_model(data)) is not None:
+            return bad
+        inp = data.get("input")
+        if inp == [] or inp == "" or inp is None:
+            return self.error(400, "You must pass at least one prompt", "BadRequestError", "input")
+        items: list[Any]
+        if isinstance(inp, str) or (isinstance(inp, list) and inp and isinstance(inp[0], int)):
+            items = [inp]
+        else:
+            items = list(inp)
+        dim = self.dim
+        if data.get("dimensions") is not None:
+            if not self.matryoshka:
+                return self.error(
+                    400,
+                    f'Model "{self.name}" does not support matryoshka representation, changing output '
+                    "dimensions will lead to poor results.",
+                    "BadRequestError",
+                    "dimensions",
+                )
+            dim = int(data["dimensions"])
+        tokens = 0
+        out = []
+        for i, item in enumerate(items):
+            n = count_tokens(item)
+            if n > self.max_len:
+                return self.error(
+                    400,
+                    f"This model's maximum context length is {self.max_len} tokens. However, your prompt "
+                    f"contains at least {n} input tokens, (parameter=input_tokens, value={n})",
+                    "BadRequestError",
+                    "input_tokens",
+                )
+            tokens += n
+            vec = embed_vector(item, dim)
+            if data.get("encoding_format") == "base64":
+                emb: Any = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
+            else:
+                emb = vec
+            out.append({"index": i, "object": "embedding", "embedding": emb})
+        body = {
+            "id": f"embd-{self.requests}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": self.name,
+            "data": out,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                      "prompt_tokens_details": None},
+        }
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def score(self, data: dict[str, Any]) -> web.Response:
+        if (bad := self.check_model(data)) is not None:
+            return bad
+        t1, t2 = data.get("text_1"), data.get("text_2")
+        if t1 is None or t2 is None:
+            return self.error(400, "text_1 and text_2 are required", "BadRequestError")
+        docs = t2 if isinstance(t2, list) else [t2]
+        if not docs:
+            return self.error(400, "At least one document is required", "BadRequestError")
+        rows = []
+        tokens = 0
+        for i, d in enumerate(docs):
+            n = count_tokens(t1) + count_tokens(d)
+            if n > self.max_len:
+                return self.error(
+                    400,
+                    f"This model's maximum context length is {self.max_len} tokens. However, your prompt "
+                    f"contains at least {n} input tokens, (parameter=input_tokens, value={n})",
+                    "BadRequestError",
+                    "input_tokens",
+                )
+            tokens += n
+            rows.append({"index": i, "object": "score", "score": pair_score(t1, d)})
+        body = {
+            "id": f"score-{self.requests}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": self.name,
+            "data": rows,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                      "prompt_tokens_details": None},
+        }
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def tokenize(self, data: dict[str, Any]) -> web.Response:
+        words = str(data.get("prompt", "")).split(" ")
+        # one "token" per word; ids index a per-process table so detokenize can invert them
+        ids = []
+        for w in words:
+            ids.append(VOCAB.setdefault(w, len(VOCAB)))
+        return web.json_response({"count": len(ids), "max_model_len": self.max_len, "tokens": ids})
+
+    async def detokenize(self, data: dict[str, Any]) -> web.Response:
+        rev = {v: k for k, v in VOCAB.items()}
+        return web.json_response({"prompt": " ".join(rev[i] for i in data.get("tokens", []))})
+
+
+VOCAB: dict[str, int] = {}
+
+
+def make_app(fake: Fake) -> web.Application:
+    app = web.Application(client_max_size=256 * 1024 * 1024)
+
+    def wrap(handler: Any) -> Any:
+        async def route(request: web.Request) -> web.StreamResponse:
+            return await fake.guarded(request, handler)
+
+        return route
+
+    async def health(request: web.Request) -> web.Response:
+        if fake.fault == "unhealthy":
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": fake.name, "object": "model", "created": 0, "owned_by": "vllm", "root": fake.name,
+             "parent": None, "max_model_len": fake.max_len, "permission": []}]})
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"max_concurrent": fake.max_seen, "current": fake.current,
+                                  "requests": fake.requests, "by_path": fake.by_path,
+                                  "last_headers": fake.last_headers, "last_body": fake.last_body})
+
+    async def admin(request: web.Request) -> web.Response:
+        data = await request.json()
+        if "delay" in data:
+            fake.delay = float(data["delay"])
+        if "fault" in data:
+            fake.fault = data["fault"]
+        if "flat_errors" in data:
+            fake.flat_errors = bool(data["flat_errors"])
+        if data.get("reset_stats"):
+            fake.max_seen = fake.requests = 0
+            fake.by_path = {}
+        return web.json_response({"ok": True})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/_stats", stats)
+    app.router.add_post("/_admin", admin)
+    app.router.add_post("/v1/embeddings", wrap(fake.embeddings))
+    app.router.add_post("/score", wrap(fake.score))
+    app.router.add_post("/v1/score", wrap(fake.score))
+    app.router.add_post("/tokenize", wrap(fake.tokenize))
+    app.router.add_post("/detokenize", wrap(fake.detokenize))
+    return app
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--kind", choices=["embedding", "rerank"], default="embedding")
+    p.add_argument("--name", default="Qwen3-Embedding-0.6B")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--matryoshka", action="store_true")
+    p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--flat-errors", action="store_true", help="answer errors like vLLM < 0.10.1")
+    args = p.parse_args()
+    web.run_app(make_app(Fake(args)), host=args.host, port=args.port, print=None,
+                access_log=None, backlog=4096)
+
+
+if __name__ == "__main__":
+    main()
