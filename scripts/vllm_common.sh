@@ -1,0 +1,60 @@
+# Shared by start_vllm_models.sh, stop_vllm_models.sh and check_models_status.sh (sourced).
+# Resolves the environment of SPEC.md "Scripts" (seed-000 names are aliases) and small helpers.
+
+ER_ROOT=${ER_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+
+MODEL_SIZE=${MODEL_SIZE:-0.6B}
+case "$MODEL_SIZE" in 0.6B|4B|8B) ;; *) echo "error: MODEL_SIZE must be 0.6B, 4B or 8B (got '$MODEL_SIZE')" >&2; exit 2;; esac
+EMBEDDING_MODEL_PATH=${EMBEDDING_MODEL_PATH:-Qwen/Qwen3-Embedding-$MODEL_SIZE}
+RERANKER_MODEL_PATH=${RERANKER_MODEL_PATH:-${MODEL_PATH:-Qwen/Qwen3-Reranker-$MODEL_SIZE}}
+EMBEDDING_SERVED_NAME=${EMBEDDING_SERVED_NAME:-Qwen3-Embedding-$MODEL_SIZE}
+RERANKER_SERVED_NAME=${RERANKER_SERVED_NAME:-Qwen3-Reranker-$MODEL_SIZE}
+EMBEDDING_GPU=${EMBEDDING_GPU:-1}
+RERANKER_GPU=${RERANKER_GPU:-0}
+EMBEDDING_PORT=${EMBEDDING_PORT:-8000}
+RERANKER_PORT=${RERANKER_PORT:-8001}
+EMBEDDING_GPU_MEMORY_UTILIZATION=${EMBEDDING_GPU_MEMORY_UTILIZATION:-${GPU_MEMORY_UTILIZATION:-0.90}}
+RERANKER_GPU_MEMORY_UTILIZATION=${RERANKER_GPU_MEMORY_UTILIZATION:-${GPU_MEMORY_UTILIZATION:-0.97}}
+MAX_MODEL_LEN=${MAX_MODEL_LEN:-8192}
+DEVICE=${DEVICE:-auto}
+VLLM_BIN=${VLLM_BIN:-vllm}
+LOG_DIR=${LOG_DIR:-$ER_ROOT/logs}
+HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-600}
+STOP_TIMEOUT=${STOP_TIMEOUT:-30}
+RERANKER_PROMPT=${RERANKER_PROMPT:-gateway}
+GATEWAY_URL=${GATEWAY_URL:-http://127.0.0.1:2048}
+RERANKER_TEMPLATE=${RERANKER_TEMPLATE:-$ER_ROOT/templates/qwen3_reranker.jinja}
+
+QWEN3_RERANKER_OVERRIDES='{"architectures":["Qwen3ForSequenceClassification"],"classifier_from_token":["no","yes"],"is_original_qwen3_reranker":true}'
+
+# model_get KIND FIELD -> value (KIND: embedding|reranker)
+model_get() {
+  local kind=$1 field=$2
+  case "$kind:$field" in
+    embedding:port) echo "$EMBEDDING_PORT";;   reranker:port) echo "$RERANKER_PORT";;
+    embedding:path) echo "$EMBEDDING_MODEL_PATH";; reranker:path) echo "$RERANKER_MODEL_PATH";;
+    embedding:name) echo "$EMBEDDING_SERVED_NAME";; reranker:name) echo "$RERANKER_SERVED_NAME";;
+    embedding:gpu) echo "$EMBEDDING_GPU";;     reranker:gpu) echo "$RERANKER_GPU";;
+    embedding:mem) echo "$EMBEDDING_GPU_MEMORY_UTILIZATION";; reranker:mem) echo "$RERANKER_GPU_MEMORY_UTILIZATION";;
+    embedding:extra) echo "${EMBEDDING_EXTRA_ARGS:-}";; reranker:extra) echo "${RERANKER_EXTRA_ARGS:-}";;
+    embedding:log) echo "$LOG_DIR/embedding_model.log";; reranker:log) echo "$LOG_DIR/reranker_model.log";;
+    embedding:pidfile) echo "$LOG_DIR/embedding.pid";; reranker:pidfile) echo "$LOG_DIR/reranker.pid";;
+    *) echo "internal error: model_get $kind $field" >&2; return 1;;
+  esac
+}
+
+# Which models a command acts on: parse_only VALUE
+parse_only() {
+  case "${1:-}" in
+    "") KINDS="embedding reranker";;
+    embedding|reranker) KINDS=$1;;
+    *) echo "error: --only takes embedding or reranker (got '$1')" >&2; exit 2;;
+  esac
+}
+
+pid_from_file() { [ -f "$1" ] && tr -dc '0-9' < "$1" || true; }
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+http_code() { curl -s -o /dev/null -m "${2:-3}" -w '%{http_code}' "$1" 2>/dev/null || true; }
+
+if [ -t 1 ]; then C_OK=$'\e[32m'; C_BAD=$'\e[31m'; C_DIM=$'\e[2m'; C_OFF=$'\e[0m'; else C_OK=; C_BAD=; C_DIM=; C_OFF=; fi

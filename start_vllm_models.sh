@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Start Qwen3-Embedding and Qwen3-Reranker as separate `vllm serve` processes.
+set -euo pipefail
+source "$(cd "$(dirname "$0")" && pwd)/scripts/vllm_common.sh"
+
+usage() {
+  cat <<EOF
+Usage: ./start_vllm_models.sh [--only embedding|reranker] [--restart] [--help]
+
+Starts each model as its own \`vllm serve\` process (own session/process group), logs to
+\$LOG_DIR/{embedding,reranker}_model.log, pids to \$LOG_DIR/{embedding,reranker}.pid, and waits
+for each /health. Already running -> says so, exit 0. --restart stops running ones first.
+
+Environment (current value):
+  MODEL_SIZE                         $MODEL_SIZE   (0.6B|4B|8B: picks the Qwen3 pair)
+  EMBEDDING_MODEL_PATH               $EMBEDDING_MODEL_PATH
+  RERANKER_MODEL_PATH [MODEL_PATH]   $RERANKER_MODEL_PATH
+  EMBEDDING_SERVED_NAME              $EMBEDDING_SERVED_NAME
+  RERANKER_SERVED_NAME               $RERANKER_SERVED_NAME
+  EMBEDDING_GPU / RERANKER_GPU       $EMBEDDING_GPU / $RERANKER_GPU
+  EMBEDDING_PORT / RERANKER_PORT     $EMBEDDING_PORT / $RERANKER_PORT
+  EMBEDDING_GPU_MEMORY_UTILIZATION   $EMBEDDING_GPU_MEMORY_UTILIZATION  [GPU_MEMORY_UTILIZATION]
+  RERANKER_GPU_MEMORY_UTILIZATION    $RERANKER_GPU_MEMORY_UTILIZATION  [GPU_MEMORY_UTILIZATION]
+  MAX_MODEL_LEN                      $MAX_MODEL_LEN
+  DEVICE                             $DEVICE   (auto: cuda when nvidia-smi sees a GPU, else cpu)
+  VLLM_BIN                           $VLLM_BIN
+  VLLM_EXTRA_ARGS, EMBEDDING_EXTRA_ARGS, RERANKER_EXTRA_ARGS   extra \`vllm serve\` arguments
+  LOG_DIR                            $LOG_DIR
+  HEALTH_TIMEOUT                     $HEALTH_TIMEOUT   (seconds to wait for /health)
+  RERANKER_PROMPT                    $RERANKER_PROMPT   (gateway|server|none; must match the gateway's)
+CPU mode only:
+  VLLM_CPU_KVCACHE_SPACE             ${VLLM_CPU_KVCACHE_SPACE:-1}   (GiB of KV cache per server)
+  EMBEDDING_CPU_CORES / RERANKER_CPU_CORES   cores bound per server (default: half the cores each)
+  DTYPE                              ${DTYPE:-bfloat16 on cpu, model default on cuda}
+  ENFORCE_EAGER                      ${ENFORCE_EAGER:-0}   (1: skip torch.compile, faster start)
+
+Exit codes: 0 all requested models healthy (or already running); 1 a model failed to start or
+become healthy (last 30 log lines shown); 2 bad usage or configuration; 3 a port is taken by
+another program (nothing started).
+EOF
+}
+
+ONLY="" RESTART=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --only) ONLY=${2:-}; shift 2 || { echo "error: --only needs a value" >&2; exit 2; };;
+    --only=*) ONLY=${1#--only=}; shift;;
+    --restart) RESTART=1; shift;;
+    -h|--help) usage; exit 0;;
+    *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2;;
+  esac
+done
+parse_only "$ONLY"
+case "$RERANKER_PROMPT" in gateway|server|none) ;; *) echo "error: RERANKER_PROMPT must be gateway, server or none" >&2; exit 2;; esac
+mkdir -p "$LOG_DIR"
+
+if ! command -v "$VLLM_BIN" >/dev/null 2>&1 && [ ! -x "$VLLM_BIN" ]; then
+  echo "error: vLLM executable '$VLLM_BIN' not found (install vllm, or set VLLM_BIN)" >&2; exit 2
+fi
+
+if [ "$DEVICE" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then DEVICE=cuda; else DEVICE=cpu; fi
+fi
+case "$DEVICE" in cuda|cpu) ;; *) echo "error: DEVICE must be auto, cuda or cpu" >&2; exit 2;; esac
+
+VERSION=$("$VLLM_BIN" --version 2>/dev/null | grep -Eo '^[0-9]+\.[0-9]+(\.[0-9]+)?' | tail -n1 || true)
+if [ -z "$VERSION" ]; then echo "error: could not read the version of '$VLLM_BIN' (--version)" >&2; exit 2; fi
+version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" = "$2" ]; }
+echo "vLLM $VERSION, device $DEVICE, reranker prompt mode '$RERANKER_PROMPT'"
+if [ "$RERANKER_PROMPT" = server ] && ! version_ge "$VERSION" 0.14; then
+  echo "error: RERANKER_PROMPT=server needs vLLM >= 0.14 (--chat-template for scoring); use gateway" >&2; exit 2
+fi
+
+if [ "$RESTART" = 1 ]; then
+  "$ER_ROOT/stop_vllm_models.sh" ${ONLY:+--only "$ONLY"} || true
+fi
+
+# Decide what to start; refuse before starting anything if a port is taken by someone else.
+TO_START=""
+for kind in $KINDS; do
+  pidfile=$(model_get "$kind" pidfile); pid=$(pid_from_file "$pidfile"); port=$(model_get "$kind" port)
+  if pid_alive "$pid"; then
+    echo "$kind model already running (pid $pid, port $port)"; continue
+  fi
+  if [ -f "$pidfile" ]; then echo "removing stale pid file $pidfile (pid ${pid:-?} is gone)"; rm -f "$pidfile"; fi
+  if port_open "$port"; then
+    echo "error: port $port ($kind) is already in use by another program; nothing started" >&2; exit 3
+  fi
+  TO_START="$TO_START $kind"
+done
+[ -z "$TO_START" ] && exit 0
+
+ncores=$(nproc 2>/dev/null || echo 1)
+half=$(( ncores / 2 )); [ "$half" -lt 1 ] && half=1
+span() { if [ "$1" = "$2" ]; then echo "$1"; else echo "$1-$2"; fi; }
+default_cores() {
+  if [ "$ncores" -lt 2 ]; then echo 0
+  elif [ "$1" = embedding ]; then span 0 $(( half - 1 ))
+  else span "$half" $(( ncores - 1 )); fi
+}
+
+launch() {
+  local kind=$1 args=() envs=()
+  local port; port=$(model_get "$kind" port)
+  args=(serve "$(model_get "$kind" path)" --host "${VLLM_HOST:-0.0.0.0}" --port "$port"
+        --served-model-name "$(model_get "$kind" name)" --max-model-len "$MAX_MODEL_LEN")
+  if version_ge "$VERSION" 0.10.1; then
+    args+=(--runner pooling)
+    [ "$kind" = embedding ] && args+=(--convert embed)
+  else
+    [ "$kind" = embedding ] && args+=(--task embed) || args+=(--task score)
+  fi
+  if [ "$kind" = reranker ]; then
+    args+=(--hf-overrides "$QWEN3_RERANKER_OVERRIDES")
+    [ "$RERANKER_PROMPT" = server ] && args+=(--chat-template "$RERANKER_TEMPLATE")
+  fi
+  if [ "$DEVICE" = cuda ]; then
+    args+=(--gpu-memory-utilization "$(model_get "$kind" mem)")
+    envs+=(CUDA_VISIBLE_DEVICES="$(model_get "$kind" gpu)")
+  else
+    local cores
+    if [ "$kind" = embedding ]; then cores=${EMBEDDING_CPU_CORES:-$(default_cores embedding)}; else cores=${RERANKER_CPU_CORES:-$(default_cores reranker)}; fi
+    args+=(--dtype "${DTYPE:-bfloat16}")
+    envs+=(VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" VLLM_CPU_OMP_THREADS_BIND="$cores")
+  fi
+  [ -n "${DTYPE:-}" ] && [ "$DEVICE" = cuda ] && args+=(--dtype "$DTYPE")
+  [ "${ENFORCE_EAGER:-0}" = 1 ] && args+=(--enforce-eager)
+  # shellcheck disable=SC2206
+  args+=(${VLLM_EXTRA_ARGS:-} $(model_get "$kind" extra))
+  local log; log=$(model_get "$kind" log)
+  { echo "==== $(date '+%F %T') starting: $VLLM_BIN ${args[*]}"; echo "==== env: ${envs[*]}"; } >> "$log"
+  # setsid: own session and process group, so stop can signal the whole vLLM tree.
+  env "${envs[@]}" setsid "$VLLM_BIN" "${args[@]}" >> "$log" 2>&1 < /dev/null &
+  echo $! > "$(model_get "$kind" pidfile)"
+  echo "started $kind model (pid $!, port $port) -> $log"
+}
+
+for kind in $TO_START; do launch "$kind"; done
+
+# Wait for every started server's /health, with progress.
+start=$(date +%s); pending="$TO_START"; failed=0
+while [ -n "${pending// /}" ]; do
+  next=""
+  for kind in $pending; do
+    pid=$(pid_from_file "$(model_get "$kind" pidfile)"); port=$(model_get "$kind" port)
+    if [ "$(http_code "http://127.0.0.1:$port/health")" = 200 ]; then
+      echo "$kind model healthy on port $port after $(( $(date +%s) - start )) s"
+    elif ! pid_alive "$pid"; then
+      echo "error: $kind model exited before becoming healthy; last 30 lines of $(model_get "$kind" log):" >&2
+      tail -n 30 "$(model_get "$kind" log)" >&2; rm -f "$(model_get "$kind" pidfile)"; failed=1
+    elif [ $(( $(date +%s) - start )) -ge "$HEALTH_TIMEOUT" ]; then
+      echo "error: $kind model not healthy after $HEALTH_TIMEOUT s; last 30 lines of $(model_get "$kind" log):" >&2
+      tail -n 30 "$(model_get "$kind" log)" >&2
+      "$ER_ROOT/stop_vllm_models.sh" --only "$kind" >/dev/null 2>&1 || true
+      failed=1
+    else
+      next="$next $kind"
+    fi
+  done
+  pending=$next
+  if [ -n "${pending// /}" ]; then
+    elapsed=$(( $(date +%s) - start ))
+    [ $(( elapsed % 5 )) -eq 0 ] && echo "waiting for${pending} ... ${elapsed}s / ${HEALTH_TIMEOUT}s"
+    sleep 1
+  fi
+done
+exit "$failed"

@@ -1,0 +1,78 @@
+"""Real clients against a real gateway: the OpenAI SDK, the Cohere SDK, curl as the README shows."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import cohere
+import openai
+import pytest
+
+from conftest import EMB, RER, ROOT, Stack
+from fake_vllm import embed_vector
+
+
+def test_openai_sdk_embeddings_base64_default(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=stack.gw.url + "/v1", api_key=stack.gw.key)
+    res = client.embeddings.create(model=EMB, input=["hello world", "second text"])
+    # The SDK asked for base64 (its default) and decoded it: vectors equal the backend's float32s.
+    assert stack.emb.stats()["last_body"]["encoding_format"] == "base64"
+    assert [d.embedding for d in res.data] == [embed_vector("hello world", 64), embed_vector("second text", 64)]
+    assert res.usage.total_tokens > 0
+    res = client.embeddings.create(model=EMB, input="x", encoding_format="float")
+    assert res.data[0].embedding == embed_vector("x", 64)
+
+
+def test_openai_sdk_models_and_errors(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=stack.gw.url + "/v1", api_key=stack.gw.key, max_retries=0)
+    assert {m.id for m in client.models.list()} == {EMB, RER}
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="missing", input="x")
+    assert "available models" in str(e.value)
+    bad = openai.OpenAI(base_url=stack.gw.url + "/v1", api_key="er-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_cohere_sdk_v2_and_v1(stack: Stack) -> None:
+    docs = ["Paris is the capital of France", "Berlin is in Germany", "France capital Paris"]
+    v2 = cohere.ClientV2(api_key=stack.gw.key, base_url=stack.gw.url)
+    res = v2.rerank(model=RER, query="capital of France", documents=docs, top_n=2)
+    assert len(res.results) == 2
+    assert res.results[0].relevance_score >= res.results[1].relevance_score
+    v1 = cohere.Client(api_key=stack.gw.key, base_url=stack.gw.url)
+    res1 = v1.rerank(model=RER, query="capital of France", documents=docs, return_documents=False)
+    assert [r.index for r in res1.results] == [r.index for r in res.results] + [
+        i for i in range(3) if i not in {r.index for r in res.results}
+    ]
+
+
+def readme_curls() -> list[str]:
+    """Every curl command in README.md code blocks (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S)
+    cmds = []
+    for block in blocks:
+        joined = block.replace("\\\n", " ")
+        cmds += [line.strip() for line in joined.splitlines() if line.strip().startswith("curl ")]
+    return cmds
+
+
+def test_readme_has_curl_examples() -> None:
+    assert len(readme_curls()) >= 6
+
+
+@pytest.mark.parametrize("cmd", readme_curls())
+def test_readme_curl(stack: Stack, cmd: str, tmp_path: Path) -> None:
+    """Run the README's curl exactly, with its placeholders bound to this test gateway."""
+    assert shutil.which("curl")
+    env = {"ER_KEY": stack.gw.key, "PATH": "/usr/bin:/bin"}
+    bound = cmd.replace("http://localhost:2048", stack.gw.url)
+    r = subprocess.run(["bash", "-c", bound + " -sS -o out.json -w '%{http_code}'"], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=60)
+    status = r.stdout.strip()[-3:]
+    assert r.returncode == 0, r.stderr
+    assert status.startswith("2"), (cmd, status, (tmp_path / "out.json").read_text())
