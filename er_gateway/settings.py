@@ -46,7 +46,7 @@ class ModelConfig(BaseModel):
     @field_validator("urls", mode="before")
     @classmethod
     def _split_urls(cls, v: Any) -> Any:
-        return split_urls(v) if isinstance(v, str) else v
+        return split_urls(v) if isinstance(v, str) else [str(u).strip().rstrip("/") for u in v]
 
     @property
     def backend_name(self) -> str:
@@ -98,7 +98,7 @@ class Settings(BaseModel):
     @field_validator("embedding_urls", "reranker_urls", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
-        return split_urls(v) if isinstance(v, str) else v
+        return split_urls(v) if isinstance(v, str) else [str(u).strip().rstrip("/") for u in v]
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -229,6 +229,9 @@ def load_settings(cli: dict[str, Any] | None = None, environ: dict[str, str] | N
     cli = dict(cli or {})
     env = os.environ if environ is None else environ
     from_env = {o.field: env[o.env] for o in OPTIONS if env.get(o.env, "") != ""}
+    if "reranker_prompt" not in from_env and env.get("RERANKER_PROMPT"):
+        # The scripts' variable: one setting keeps vLLM and the gateway in agreement.
+        from_env["reranker_prompt"] = env["RERANKER_PROMPT"]
     config_path = cli.get("config") or from_env.get("config")
     from_file = read_config_file(config_path) if config_path else {}
     merged: dict[str, Any] = {**from_file, **from_env, **cli}

@@ -115,8 +115,8 @@ class Pool:
                 async with replica.session.post(replica.url + path, data=body, headers=headers) as resp:
                     data = await resp.read()
                     status = resp.status
-            except aiohttp.ClientConnectorError as e:
-                self._fail(replica, "connect", f"cannot connect: {e.os_error or e}", down=True)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                self._fail(replica, "connect", f"cannot connect: {e}", down=True)
                 last = GatewayError(503, f"backend {replica.url} refused the connection",
                                     headers={"Retry-After": "1"})
                 if retries < self.settings.max_retries:

