@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,8 @@ class Gateway:
     async def start(self) -> None:
         await self.upstreams.start(self.settings.models)
         self._tasks.append(asyncio.create_task(self._watch_keys()))
+        # `kill -HUP <pid>`: re-read the keys file now (the watcher would within a second anyway).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_keys)
 
     async def stop(self) -> None:
         for t in self._tasks:
