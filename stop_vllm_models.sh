@@ -26,18 +26,21 @@ while [ $# -gt 0 ]; do
 done
 parse_only "$ONLY"
 
-group_alive() { kill -0 -- "-$1" 2>/dev/null; }
+# Alive = a member of the process group that is not a zombie (where no init reaps them,
+# e.g. in some containers, kill -0 would still "see" a dead process).
+group_alive() { ps -eo pgid=,stat= 2>/dev/null | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {found=1} END {exit !found}'; }
+live_pid() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) && [ -n "$st" ] && [ "${st#Z}" = "$st" ]; }
 rc=0
 for kind in $KINDS; do
   pidfile=$(model_get "$kind" pidfile); pid=$(pid_from_file "$pidfile")
   if [ -z "$pid" ]; then echo "$kind model: not running (no pid file)"; continue; fi
-  if ! pid_alive "$pid" && ! group_alive "$pid"; then
+  if ! live_pid "$pid" && ! group_alive "$pid"; then
     echo "$kind model: not running (removed stale pid file, pid $pid)"; rm -f "$pidfile"; continue
   fi
   printf '%s model: stopping process group %s ' "$kind" "$pid"
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
   waited=0
-  while group_alive "$pid" || pid_alive "$pid"; do
+  while group_alive "$pid" || live_pid "$pid"; do
     if [ "$waited" -ge $(( STOP_TIMEOUT * 10 )) ]; then
       printf '(SIGKILL after %ss) ' "$STOP_TIMEOUT"
       kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
@@ -46,7 +49,7 @@ for kind in $KINDS; do
     fi
     sleep 0.1; waited=$(( waited + 1 ))
   done
-  if group_alive "$pid" || pid_alive "$pid"; then
+  if group_alive "$pid" || live_pid "$pid"; then
     echo "FAILED: still running"; rc=1
   else
     echo "stopped"; rm -f "$pidfile"

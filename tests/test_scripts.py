@@ -1,0 +1,203 @@
+"""start/stop/check scripts against a stand-in `vllm` (VLLM_BIN): flags, failures, pid files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+
+FAKE = ROOT / "tests" / "fake_vllm_bin.sh"
+
+
+def env_for(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "VLLM_BIN": str(FAKE),
+        "FAKE_VLLM_PYTHON": sys.executable,
+        "FAKE_VLLM_RECORD": str(tmp / "record.txt"),
+        "LOG_DIR": str(tmp / "logs"),
+        "EMBEDDING_PORT": str(free_port()),
+        "RERANKER_PORT": str(free_port()),
+        "HEALTH_TIMEOUT": "20",
+        "STOP_TIMEOUT": "3",
+        "DEVICE": "cpu",
+    }
+    env.update(extra)
+    return env
+
+
+def run(name: str, env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(ROOT / name), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def started(tmp_path: Path):  # type: ignore[no-untyped-def]
+    env = env_for(tmp_path)
+    yield env
+    run("stop_vllm_models.sh", env)
+
+
+def record(env: dict[str, str]) -> list[str]:
+    return Path(env["FAKE_VLLM_RECORD"]).read_text().splitlines()
+
+
+@pytest.mark.parametrize("name", ["start_vllm_models.sh", "stop_vllm_models.sh", "check_models_status.sh"])
+def test_help(name: str, tmp_path: Path) -> None:
+    r = run(name, env_for(tmp_path), "--help")
+    assert r.returncode == 0 and "Usage:" in r.stdout and "Exit codes" in r.stdout
+
+
+def test_help_lists_every_variable(tmp_path: Path) -> None:
+    out = run("start_vllm_models.sh", env_for(tmp_path), "--help").stdout
+    for var in ("MODEL_SIZE", "EMBEDDING_MODEL_PATH", "RERANKER_MODEL_PATH", "MODEL_PATH", "EMBEDDING_SERVED_NAME",
+                "RERANKER_SERVED_NAME", "EMBEDDING_GPU", "RERANKER_GPU", "EMBEDDING_PORT", "RERANKER_PORT",
+                "GPU_MEMORY_UTILIZATION", "MAX_MODEL_LEN", "DEVICE", "VLLM_BIN", "VLLM_EXTRA_ARGS",
+                "EMBEDDING_EXTRA_ARGS", "RERANKER_EXTRA_ARGS", "LOG_DIR", "HEALTH_TIMEOUT", "RERANKER_PROMPT",
+                "VLLM_CPU_KVCACHE_SPACE"):
+        assert var in out, var
+
+
+def test_start_writes_pids_logs_and_new_vllm_flags(started: dict[str, str]) -> None:
+    r = run("start_vllm_models.sh", started)
+    assert r.returncode == 0, r.stdout + r.stderr
+    logs = Path(started["LOG_DIR"])
+    for f in ("embedding.pid", "reranker.pid", "embedding_model.log", "reranker_model.log"):
+        assert (logs / f).exists(), f
+    emb, rer = sorted(record(started), key=lambda l: "--convert" not in l)
+    assert "Qwen/Qwen3-Embedding-0.6B" in emb and "--runner pooling --convert embed" in emb
+    assert "--served-model-name Qwen3-Embedding-0.6B" in emb and "--max-model-len 8192" in emb
+    assert "Qwen/Qwen3-Reranker-0.6B" in rer and "--runner pooling" in rer and "--convert" not in rer
+    assert '"is_original_qwen3_reranker":true' in rer and "--chat-template" not in rer
+    assert "VLLM_CPU_KVCACHE_SPACE=1" in emb and "--dtype bfloat16" in emb
+    # each server leads its own process group (setsid)
+    for f in ("embedding.pid", "reranker.pid"):
+        pid = int((logs / f).read_text())
+        assert os.getpgid(pid) == pid
+    again = run("start_vllm_models.sh", started)
+    assert again.returncode == 0 and again.stdout.count("already running") == 2
+    status = run("check_models_status.sh", started, "--json", "--no-gateway")
+    assert status.returncode == 0 and json.loads(status.stdout)["all_up"] is True
+
+
+def test_old_vllm_gets_task_flags_and_gpu_settings(tmp_path: Path) -> None:
+    env = env_for(tmp_path, FAKE_VLLM_VERSION="0.9.2", DEVICE="cuda", MODEL_SIZE="4B", MODEL_PATH="/models/rr",
+                  GPU_MEMORY_UTILIZATION="0.5", EMBEDDING_EXTRA_ARGS="--max-num-seqs 8")
+    try:
+        assert run("start_vllm_models.sh", env).returncode == 0
+        emb, rer = sorted(record(env), key=lambda l: "--task embed" not in l)
+        assert "--task embed" in emb and "Qwen/Qwen3-Embedding-4B" in emb and "Qwen3-Embedding-4B" in emb
+        assert "--task score" in rer and "/models/rr" in rer and "--runner" not in rer
+        assert "--gpu-memory-utilization 0.5" in emb and "CUDA_VISIBLE_DEVICES=1" in emb
+        assert "CUDA_VISIBLE_DEVICES=0" in rer and "--max-num-seqs 8" in emb and "--max-num-seqs" not in rer
+        assert "--hf-overrides" in rer
+    finally:
+        run("stop_vllm_models.sh", env)
+
+
+def test_gpu_defaults(tmp_path: Path) -> None:
+    env = env_for(tmp_path, DEVICE="cuda")
+    try:
+        assert run("start_vllm_models.sh", env).returncode == 0
+        emb, rer = sorted(record(env), key=lambda l: "--convert" not in l)
+        assert "--gpu-memory-utilization 0.90" in emb and "--gpu-memory-utilization 0.97" in rer
+    finally:
+        run("stop_vllm_models.sh", env)
+
+
+def test_server_prompt_mode_adds_template_and_needs_new_vllm(tmp_path: Path) -> None:
+    env = env_for(tmp_path, RERANKER_PROMPT="server")
+    try:
+        assert run("start_vllm_models.sh", env, "--only", "reranker").returncode == 0
+        (rer,) = record(env)
+        assert "--chat-template" in rer and "qwen3_reranker.jinja" in rer
+    finally:
+        run("stop_vllm_models.sh", env)
+    old = env_for(tmp_path, RERANKER_PROMPT="server", FAKE_VLLM_VERSION="0.12.0")
+    r = run("start_vllm_models.sh", old)
+    assert r.returncode == 2 and "0.14" in r.stderr
+
+
+def test_crash_at_start_shows_log_tail(tmp_path: Path) -> None:
+    env = env_for(tmp_path, FAKE_VLLM_MODE="crash")
+    r = run("start_vllm_models.sh", env, "--only", "embedding")
+    assert r.returncode == 1
+    assert "exited before becoming healthy" in r.stderr and "CUDA out of memory (fake)" in r.stderr
+    assert "log line 12" in r.stderr and "log line 11" not in r.stderr  # exactly the last 30 lines
+    assert not (Path(env["LOG_DIR"]) / "embedding.pid").exists()
+
+
+def test_never_healthy_times_out_and_cleans_up(tmp_path: Path) -> None:
+    env = env_for(tmp_path, FAKE_VLLM_MODE="never", HEALTH_TIMEOUT="3")
+    r = run("start_vllm_models.sh", env, "--only", "reranker")
+    assert r.returncode == 1 and "not healthy after 3 s" in r.stderr
+    assert not (Path(env["LOG_DIR"]) / "reranker.pid").exists()
+
+
+def test_port_taken_starts_nothing(tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", int(env["RERANKER_PORT"])))
+        s.listen()
+        r = run("start_vllm_models.sh", env)
+    assert r.returncode == 3 and "already in use" in r.stderr
+    assert not Path(env["FAKE_VLLM_RECORD"]).exists()  # nothing was started, not even the embedding model
+
+
+def test_stale_pid_file_is_cleaned(started: dict[str, str]) -> None:
+    logs = Path(started["LOG_DIR"])
+    logs.mkdir(parents=True)
+    (logs / "embedding.pid").write_text("999999\n")
+    stop = run("stop_vllm_models.sh", started, "--only", "embedding")
+    assert stop.returncode == 0 and "stale" in stop.stdout and not (logs / "embedding.pid").exists()
+    (logs / "embedding.pid").write_text("999999\n")
+    r = run("start_vllm_models.sh", started, "--only", "embedding")
+    assert r.returncode == 0 and "stale pid file" in r.stdout
+    assert int((logs / "embedding.pid").read_text()) != 999999
+
+
+def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
+    env = env_for(tmp_path, FAKE_VLLM_MODE="stubborn", HEALTH_TIMEOUT="1", STOP_TIMEOUT="1")
+    # start it by hand the way the script does, then let stop deal with it
+    logs = Path(env["LOG_DIR"])
+    logs.mkdir(parents=True)
+    # started from a shell that exits, as start_vllm_models.sh does, so init reaps it
+    out = subprocess.run(["bash", "-c", f"setsid {FAKE} serve m --port 1 >/dev/null 2>&1 </dev/null & echo $!"],
+                         env=env, capture_output=True, text=True).stdout
+    pid = int(out.strip())
+    (logs / "embedding.pid").write_text(str(pid))
+    time.sleep(0.3)
+    r = run("stop_vllm_models.sh", env, "--only", "embedding")
+    assert r.returncode == 0 and "SIGKILL" in r.stdout, r.stdout
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    assert state == "" or state.startswith("Z"), state  # gone (or a zombie waiting for a reaper)
+
+
+def test_restart_and_not_running(started: dict[str, str]) -> None:
+    assert run("start_vllm_models.sh", started, "--only", "embedding").returncode == 0
+    first = int((Path(started["LOG_DIR"]) / "embedding.pid").read_text())
+    assert run("start_vllm_models.sh", started, "--only", "embedding", "--restart").returncode == 0
+    second = int((Path(started["LOG_DIR"]) / "embedding.pid").read_text())
+    assert first != second
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)
+    assert run("stop_vllm_models.sh", started).returncode == 0
+    r = run("stop_vllm_models.sh", started)
+    assert r.returncode == 0 and r.stdout.count("not running") == 2
+    status = run("check_models_status.sh", started, "--no-gateway")
+    assert status.returncode == 1 and "DOWN" in status.stdout
+
+
+def test_bad_usage(tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    assert run("start_vllm_models.sh", env, "--only", "nope").returncode == 2
+    assert run("stop_vllm_models.sh", env, "--bogus").returncode == 2
+    assert run("start_vllm_models.sh", {**env, "MODEL_SIZE": "3B"}).returncode == 2
+    assert run("start_vllm_models.sh", {**env, "VLLM_BIN": "/nonexistent/vllm"}).returncode == 2
