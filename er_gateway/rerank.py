@@ -102,6 +102,8 @@ async def score(
     scores: list[float] = []
     tokens = 0
     for chunk, answer in zip(chunks, answers):
+        if isinstance(answer, GatewayError) and answer.status == 400 and "context length" in answer.message:
+            raise await _name_too_long(gw, pool, adm, text_1, docs, answer)
         if isinstance(answer, BaseException):
             raise answer
         try:
@@ -114,6 +116,32 @@ async def score(
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise GatewayError(502, f"backend answered /score with an unexpected body ({e})") from None
     return scores, tokens
+
+
+async def _name_too_long(
+    gw: Gateway, pool: Pool, adm: Admission, text_1: str, docs: list[str], error: GatewayError
+) -> GatewayError:
+    """vLLM says "too long" without saying which document; find out with its tokenizer."""
+    async def count(doc: str) -> tuple[int, int]:
+        body = {"model": pool.model.backend_name, "prompt": text_1 + doc}
+        tok = orjson.loads((await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info)).body)
+        return int(tok.get("count", 0)), int(tok.get("max_model_len", 0))
+
+    try:
+        counts = await asyncio.gather(*(count(d) for d in docs))
+    except (GatewayError, orjson.JSONDecodeError, ValueError):
+        return error
+    over = [(i, n, limit) for i, (n, limit) in enumerate(counts) if limit and n > limit]
+    if not over:
+        return error
+    i, n, limit = over[0]
+    more = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
+    return GatewayError(
+        400,
+        f"document {i}{more} is too long: {n} tokens with the prompt, the model's limit is {limit}; "
+        "send max_length to truncate documents",
+        param=f"documents[{i}]",
+    )
 
 
 async def _truncate(gw: Gateway, pool: Pool, adm: Admission, texts: list[str], max_length: int) -> list[str]:
