@@ -127,9 +127,10 @@ class Pool:
                 raise GatewayError(
                     504, f"backend {replica.url} did not answer within {self.settings.timeout:g} s"
                 ) from None
-            except aiohttp.ServerDisconnectedError:
-                # Embedding and scoring are idempotent, so a dropped keep-alive is safe to retry.
-                self._fail(replica, "disconnect", "server disconnected")
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as e:
+                # The connection broke mid-request (replica killed, keep-alive dropped). Embedding
+                # and scoring are idempotent, so trying another replica is safe.
+                self._fail(replica, "disconnect", f"{type(e).__name__}: {e}")
                 last = GatewayError(502, f"backend {replica.url} closed the connection")
                 if retries < self.settings.max_retries:
                     continue

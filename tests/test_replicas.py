@@ -1,0 +1,158 @@
+"""Replicas: failover under load, fast 503, recovery, even spread, split == unsplit."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+import orjson
+
+from conftest import EMB, RER, start_backend, start_gateway, wait_until
+
+
+def strip_ids(body: dict) -> dict:  # type: ignore[type-arg]
+    return {k: v for k, v in body.items() if k not in ("id", "created")}
+
+
+def test_failover_under_load_and_recovery(tmp_path: Path) -> None:
+    backends = [start_backend(tmp_path, "embedding") for _ in range(3)]
+    rer = start_backend(tmp_path, "rerank")
+    gw = start_gateway(tmp_path, "--embedding-url", ",".join(b.url for b in backends), "--reranker-url", rer.url,
+                       "--health-interval", "1")
+    try:
+        wait_until(lambda: httpx.get(gw.url + "/health").json()["status"] == "healthy", 5, "healthy")
+
+        async def load(seconds: float, clients: int) -> list[int]:
+            statuses: list[int] = []
+            deadline = time.monotonic() + seconds
+            conn = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as s:
+                async def client() -> None:
+                    while time.monotonic() < deadline:
+                        async with s.post(gw.url + "/v1/embeddings", json={"input": ["a b", "c"]},
+                                          headers=gw.auth) as r:
+                            await r.read()
+                            statuses.append(r.status)
+
+                async def killer() -> None:
+                    await asyncio.sleep(seconds / 3)
+                    backends[1].stop(signal.SIGKILL)
+
+                await asyncio.gather(killer(), *(client() for _ in range(clients)))
+            return statuses
+
+        statuses = asyncio.run(load(30, 200))
+        assert len(statuses) > 1000
+        failed = [s for s in statuses if s != 200]
+        assert not failed, f"{len(failed)} failed of {len(statuses)}: {set(failed)}"
+        access = (gw.logs / "access.log").read_text()
+        assert "retries=1" in access  # the failover is visible in the access log
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert f'er_replica_healthy{{model="{EMB}",replica="{backends[1].url}"}} 0.0' in metrics
+        health = httpx.get(gw.url + "/health").json()
+        assert health["status"] == "degraded"
+
+        # the killed replica comes back on its port: traffic again within one health interval
+        port = backends[1].url.rsplit(":", 1)[1]
+        backends[1] = start_backend(tmp_path, "embedding", port=int(port))
+        time.sleep(1.5)
+        for _ in range(30):
+            gw.post("/v1/embeddings", {"input": "x"})
+        assert backends[1].stats()["requests"] > 0
+        assert httpx.get(gw.url + "/health").json()["status"] == "healthy"
+
+        # all replicas dead: 503 with Retry-After within 1 s
+        for b in backends:
+            b.stop(signal.SIGKILL)
+        for _ in range(3):
+            start = time.monotonic()
+            r = gw.post("/v1/embeddings", {"input": "x"})
+            assert r.status_code == 503 and "Retry-After" in r.headers
+            assert time.monotonic() - start < 1
+    finally:
+        gw.stop()
+        rer.stop()
+        for b in backends:
+            b.stop()
+
+
+def test_load_spreads_evenly(tmp_path: Path) -> None:
+    backends = [start_backend(tmp_path, "embedding", extra=["--delay", "0.005"]) for _ in range(3)]
+    gw = start_gateway(tmp_path, "--embedding-url", ",".join(b.url for b in backends))
+    try:
+        async def run() -> None:
+            async with aiohttp.ClientSession() as s:
+                sem = asyncio.Semaphore(16)
+
+                async def one() -> None:
+                    async with sem, s.post(gw.url + "/v1/embeddings", json={"input": "x"}, headers=gw.auth) as r:
+                        assert r.status == 200
+
+                await asyncio.gather(*(one() for _ in range(900)))
+
+        asyncio.run(run())
+        counts = [b.stats()["by_path"].get("/v1/embeddings", 0) for b in backends]
+        assert sum(counts) == 900
+        for c in counts:
+            assert abs(c - 300) <= 60, counts  # within ±20 %
+    finally:
+        gw.stop()
+        for b in backends:
+            b.stop()
+
+
+def test_split_and_unsplit_answers_are_identical(tmp_path: Path) -> None:
+    backends = [start_backend(tmp_path, "embedding", extra=["--matryoshka"]) for _ in range(2)]
+    rer = [start_backend(tmp_path, "rerank") for _ in range(2)]
+    urls = ["--embedding-url", ",".join(b.url for b in backends), "--reranker-url", ",".join(r.url for r in rer)]
+    split = start_gateway(tmp_path / "s", *urls, "--max-batch-inputs", "4", "--max-batch-docs", "3")
+    whole = start_gateway(tmp_path / "w", *urls)
+    try:
+        for body in (
+            {"input": [f"text {i}" for i in range(10)]},
+            {"input": [f"text {i}" for i in range(9)], "encoding_format": "base64", "dimensions": 16},
+            {"input": [[1, 2, i] for i in range(7)]},
+        ):
+            a = split.post("/v1/embeddings", body)
+            b = whole.post("/v1/embeddings", body)
+            assert a.status_code == b.status_code == 200
+            assert strip_ids(a.json()) == strip_ids(b.json())  # vectors exactly, indices, usage summed
+        assert sum(x.stats()["requests"] for x in backends) >= 3 + 3 + 2 + 3
+        assert all(x.stats()["requests"] > 0 for x in backends)  # chunks went to both replicas
+        docs = [f"doc {i} about capital cities" for i in range(11)]
+        for path in ("/v1/rerank", "/rerank"):
+            for top_n in (None, 4):
+                body = {"query": "capital cities", "documents": docs}
+                if top_n:
+                    body["top_n"] = top_n
+                a, b = split.post(path, body).json(), whole.post(path, body).json()
+                assert strip_ids(a) == strip_ids(b)
+        # a failed chunk fails the whole request with that chunk's error (no partial answer)
+        long = " ".join(["w"] * 600)
+        r = split.post("/v1/embeddings", {"input": ["a", "b", "c", "d", "e", long]})
+        assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+        r = split.post("/v1/rerank", {"query": "q", "documents": ["a", "b", "c", "d", long]})
+        assert r.status_code == 400 and "document 4" in r.json()["error"]["message"]
+    finally:
+        for p in (split, whole, *backends, *rer):
+            p.stop()
+
+
+def test_dead_replica_at_start_is_skipped(tmp_path: Path) -> None:
+    good = start_backend(tmp_path, "embedding")
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    gw = start_gateway(tmp_path, "--embedding-url", f"{dead},{good.url}", "--health-interval", "0.5")
+    try:
+        for _ in range(10):
+            r = gw.post("/v1/embeddings", {"input": "x"})
+            assert r.status_code == 200
+        h = httpx.get(gw.url + "/health").json()["models"][EMB]["replicas"]
+        assert [x["healthy"] for x in h] == [False, True]
+        assert orjson.loads(httpx.get(gw.url + "/health").content)["models"][RER]["replicas"][0]["healthy"] is False
+    finally:
+        gw.stop()
+        good.stop()
