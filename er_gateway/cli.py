@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -146,6 +147,8 @@ def serve(settings: Any, cli: dict[str, Any]) -> int:
         backlog=4096,
     )
     if settings.workers > 1:
+        # Workers are fresh processes: they read their settings and the metrics directory from here.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="er-gateway-metrics-")
         env = {o.env: os.environ[o.env] for o in OPTIONS if o.env in os.environ}
         os.environ[SETTINGS_ENV] = orjson.dumps({"cli": cli, "env": env}).decode()
         uvicorn.run("er_gateway.app:create_app_from_env", factory=True, workers=settings.workers, **common)

@@ -46,6 +46,7 @@ class Gateway:
         self.limiter = RateLimiter(
             settings.rate_limit, settings.token_limit, settings.redis_url, settings.redis_failure_mode
         )
+        self.limiter.on_storage_error = self.metrics.storage_errors.inc
         # Each worker process gets its share of the cap, so N workers still send at most N×share.
         per_worker = max(1, -(-settings.max_concurrency // settings.workers))
         self.gate = ConcurrencyGate(per_worker, settings.queue_timeout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import queue
 import secrets
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .settings import Settings
 
@@ -141,8 +142,12 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        r = self.registry = registry or CollectorRegistry()
+    """All gateway metrics. With --workers > 1 the CLI sets PROMETHEUS_MULTIPROC_DIR and every
+    worker writes its values there; /metrics then sums them (prometheus-client multiprocess mode)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.requests = Counter(
             "er_requests_total", "Requests by route, model, status and key name",
             ["route", "model", "status", "key"], registry=r,
@@ -159,24 +164,37 @@ class Metrics:
             "er_queue_wait_seconds", "Time waiting for a concurrency slot",
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.in_flight = Gauge("er_in_flight_requests", "Requests upstream now", registry=r)
-        self.waiting = Gauge("er_queued_requests", "Requests waiting for a concurrency slot", registry=r)
+        self.in_flight = Gauge("er_in_flight_requests", "Requests upstream now", registry=r,
+                               multiprocess_mode="livesum")
+        self.waiting = Gauge("er_queued_requests", "Requests waiting for a concurrency slot", registry=r,
+                             multiprocess_mode="livesum")
         self.rate_limited = Counter("er_rate_limited_total", "429 answers by key name", ["key"], registry=r)
         self.upstream_errors = Counter(
             "er_upstream_errors_total", "Upstream failures by model, replica and kind",
             ["model", "replica", "kind"], registry=r,
         )
         self.replica_healthy = Gauge(
-            "er_replica_healthy", "1 when the replica takes traffic", ["model", "replica"], registry=r
+            "er_replica_healthy", "1 when the replica takes traffic", ["model", "replica"], registry=r,
+            multiprocess_mode="livemin",
         )
         self.replica_outstanding = Gauge(
-            "er_replica_outstanding", "Requests in flight to a replica", ["model", "replica"], registry=r
+            "er_replica_outstanding", "Requests in flight to a replica", ["model", "replica"], registry=r,
+            multiprocess_mode="livesum",
         )
         self.tokens = Counter("er_tokens_total", "Tokens reported by vLLM", ["model", "key"], registry=r)
         self.storage_errors = Counter(
             "er_ratelimit_storage_errors_total", "Rate-limit storage (Redis) failures", registry=r
         )
         self.retries = Counter("er_upstream_retries_total", "Requests retried on another replica", ["model"], registry=r)
+
+    def exposition(self) -> bytes:
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
 
 
 class Recent:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,7 +83,7 @@ class RateLimiter:
         self._items: dict[str, RateLimitItem] = {}
         self.default_rate = default_rate
         self.default_tokens = default_tokens
-        self.storage_errors = 0
+        self.on_storage_error: Callable[[], None] | None = None
         self._last_warning = 0.0
         self.item(default_rate)  # fail at start-up on a bad spec
         if default_tokens:
@@ -165,7 +166,8 @@ class RateLimiter:
             async with asyncio.timeout(REDIS_CALL_TIMEOUT * 2):
                 return await coro
         except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 - any storage failure
-            self.storage_errors += 1
+            if self.on_storage_error is not None:
+                self.on_storage_error()
             now = time.monotonic()
             if now - self._last_warning > 10:
                 self._last_warning = now

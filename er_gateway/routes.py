@@ -11,7 +11,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from fastapi import APIRouter
-from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .embeddings import create_embeddings
@@ -223,8 +222,7 @@ async def metrics(request: Request) -> Response:
     if gw.settings.metrics_auth:
         gw.keys.authenticate(api_key_of(request))
     gw.refresh_gauges()
-    gw.metrics.storage_errors._value.set(gw.limiter.storage_errors)  # type: ignore[attr-defined]
-    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/status")
