@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,10 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from fastapi.routing import APIRoute
 
 from .errors import GatewayError
 from .gateway import Gateway
-from .observability import Logs, RequestMiddleware
+from .observability import Logs, Recorder, RequestInfo, new_request_id
 from .routes import router
 from .settings import Settings, load_settings
 
@@ -75,9 +77,68 @@ def create_app(settings: Settings, cli_overrides: dict[str, Any] | None = None) 
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return GatewayError(500, "internal gateway error; see the gateway log").response()
 
-    wrapped = RequestMiddleware(app, logs, gateway.metrics, gateway.recent)
-    wrapped.state = app.state  # type: ignore[attr-defined]  # tests reach the gateway through it
-    return wrapped
+    return GatewayASGI(app, Recorder(logs, gateway.metrics, gateway.recent))
+
+
+class GatewayASGI:
+    """The outermost ASGI app: request id, X-Gateway-Overhead-Ms, bookkeeping, dispatch.
+
+    API routes are called straight from a (method, path) table built from the FastAPI router,
+    skipping FastAPI's routing and middleware stack, which cost about a third of the CPU per
+    request in profiles (bench/RESULTS.md). Everything else (docs, 404/405) goes through FastAPI.
+    """
+
+    def __init__(self, app: FastAPI, recorder: Recorder) -> None:
+        self.app = app
+        self.state = app.state
+        self.recorder = recorder
+        self.routes: dict[tuple[str, str], Any] = {}
+        for route in router.routes:  # the API router itself: FastAPI may wrap included routes
+            if isinstance(route, APIRoute) and "{" not in route.path:
+                for method in route.methods:
+                    self.routes[(method, route.path)] = route.endpoint
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                incoming = v
+                break
+        info = RequestInfo(new_request_id(incoming), time.perf_counter())
+        scope.setdefault("state", {})["er"] = info
+        status = 500
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                headers.append((b"x-request-id", info.request_id.encode("latin-1")))
+                if info.route:
+                    overhead = (time.perf_counter() - info.start) * 1000 - info.upstream_ms - info.queue_ms
+                    headers.append((b"x-gateway-overhead-ms", f"{overhead:.3f}".encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            endpoint = self.routes.get((scope["method"], scope["path"]))
+            if endpoint is None:
+                await self.app(scope, receive, send_wrapper)
+                return
+            scope["app"] = self.app
+            try:
+                response = await endpoint(Request(scope, receive))
+            except GatewayError as e:
+                response = e.response()
+            except Exception:
+                log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+                response = GatewayError(500, "internal gateway error; see the gateway log").response()
+            await response(scope, receive, send_wrapper)
+        finally:
+            self.recorder.record(scope, info, status)
 
 
 def create_app_from_env() -> Any:

@@ -7,6 +7,7 @@ without the request waiting on the disk.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import logging.handlers
 import os
@@ -66,6 +67,60 @@ class _LineWriter(threading.Thread):
             h.close()
 
 
+class _AccessWriter(threading.Thread):
+    """The access log's writer: drains every queued line, writes them in one call, flushes.
+
+    One write per burst instead of one per line keeps the thread from competing with the
+    event loop for the GIL at thousands of requests per second; lines still reach the
+    file within milliseconds, whole, for `tail -f`.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        super().__init__(name="er-access-log", daemon=True)
+        self.queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self.file = open(path, "a", encoding="utf-8")
+
+    def run(self) -> None:
+        done = False
+        while not done:
+            lines = [self.queue.get()]
+            while True:
+                try:
+                    lines.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in lines:
+                done = True
+                lines = [x for x in lines if x is not None]
+            if not lines:
+                continue
+            try:
+                self.file.write("\n".join(lines) + "\n")  # type: ignore[arg-type]
+                self.file.flush()
+                if self.file.tell() >= self.max_bytes:
+                    self._rotate()
+            except OSError:
+                pass  # a full disk must not take the gateway down
+
+    def _rotate(self) -> None:
+        self.file.close()
+        for i in range(self.backups - 1, 0, -1):
+            src = self.path.with_name(f"{self.path.name}.{i}")
+            if src.exists():
+                os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        if self.backups:
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink(missing_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.join(timeout=5)
+        self.file.close()
+
+
 def _rotating(path: Path, settings: Settings) -> logging.Handler:
     h = logging.handlers.RotatingFileHandler(
         path, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups, encoding="utf-8"
@@ -102,11 +157,9 @@ class Logs:
             lg.propagate = True
         logging.getLogger("uvicorn.access").disabled = True  # our access log replaces it
 
-        self._access: _LineWriter | None = None
+        self._access: _AccessWriter | None = None
         if settings.access_log:
-            ah = _rotating(log_dir / ACCESS_LOG, settings)
-            ah.setFormatter(logging.Formatter("%(message)s"))
-            self._access = _LineWriter([ah])
+            self._access = _AccessWriter(log_dir / ACCESS_LOG, settings.log_max_bytes, settings.log_backups)
             self._access.start()
 
     def access(self, fields: dict[str, Any]) -> None:
@@ -116,8 +169,7 @@ class Logs:
             line = orjson.dumps(fields).decode()
         else:
             line = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
-        rec = logging.LogRecord("access", logging.INFO, "", 0, line, None, None)
-        self._access.queue.put(rec)
+        self._access.queue.put(line)
 
     def close(self) -> None:
         root = logging.getLogger()
@@ -246,54 +298,29 @@ class RequestInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
+
+
 def new_request_id(incoming: bytes | None) -> str:
+    """The client's X-Request-ID if sane, else a process-unique id (random prefix + counter:
+    no syscall per request, unlike secrets.token_hex)."""
     if incoming:
         rid = incoming.decode("latin-1")
         if 0 < len(rid) <= 128 and rid.isprintable():
             return rid
-    return secrets.token_hex(12)
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
 
 
-class RequestMiddleware:
-    """Pure ASGI: request id, X-Gateway-Overhead-Ms, access log and request metrics."""
+class Recorder:
+    """Turns a finished request into metrics, an access-log line and a status-page sample."""
 
-    def __init__(self, app: Any, logs: Logs, metrics: Metrics, recent: Recent) -> None:
-        self.app = app
+    def __init__(self, logs: Logs, metrics: Metrics, recent: Recent) -> None:
         self.logs = logs
         self.metrics = metrics
         self.recent = recent
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        incoming = None
-        for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                incoming = v
-                break
-        info = RequestInfo(new_request_id(incoming), time.perf_counter())
-        scope.setdefault("state", {})["er"] = info
-        status = 500
-
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                overhead = (time.perf_counter() - info.start) * 1000 - info.upstream_ms - info.queue_ms
-                headers = list(message.get("headers", ()))
-                headers.append((b"x-request-id", info.request_id.encode("latin-1")))
-                if info.route:
-                    headers.append((b"x-gateway-overhead-ms", f"{overhead:.3f}".encode()))
-                message["headers"] = headers
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self._record(scope, info, status)
-
-    def _record(self, scope: dict[str, Any], info: RequestInfo, status: int) -> None:
+    def record(self, scope: dict[str, Any], info: RequestInfo, status: int) -> None:
         total = time.perf_counter() - info.start
         route = info.route or scope.get("path", "")
         if info.route:

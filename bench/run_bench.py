@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Reproducible gateway benchmark: direct vs through the gateway (vs LiteLLM, optionally).
+
+    .venv/bin/python bench/run_bench.py [--duration 10] [--litellm] [--soak 300] [--workers 2]
+
+A static nginx (Debian's) serves vLLM-shaped answers; the gateway runs with its default features
+(auth, a per-key limit set high, metrics, access log) pinned to core 0; nginx and wrk share core 1.
+Scenarios: small embeddings (1 input, base64 ~5.6 KB), large embeddings (8x1024 floats ~77 KB),
+rerank (query + 8 documents, gateway prompt mode), each at 1 and 64 connections.
+Prints rps, p50, p99 and the latency the gateway adds (p50 through it minus p50 direct).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def embedding_answer(n: int, dim: int, fmt: str) -> bytes:
+    rnd = random.Random(n * 7 + dim)
+    data = []
+    for i in range(n):
+        vec = [round(rnd.uniform(-0.1, 0.1), 6) for _ in range(dim)]
+        emb = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode() if fmt == "base64" else vec
+        data.append({"index": i, "object": "embedding", "embedding": emb})
+    return json.dumps({"id": "embd-bench", "object": "list", "created": 1, "model": "Qwen3-Embedding-0.6B",
+                       "data": data, "usage": {"prompt_tokens": 8 * n, "total_tokens": 8 * n,
+                                               "completion_tokens": 0, "prompt_tokens_details": None}}).encode()
+
+
+def score_answer(n: int) -> bytes:
+    data = [{"index": i, "object": "score", "score": round(0.9 - i * 0.1, 4)} for i in range(n)]
+    return json.dumps({"id": "score-bench", "object": "list", "created": 1, "model": "Qwen3-Reranker-0.6B",
+                       "data": data, "usage": {"prompt_tokens": 400, "total_tokens": 400}}).encode()
+
+
+SCENARIOS = {
+    # name: (backend root, direct path, gateway path, request body)
+    "small-embeddings": ("small", "/v1/embeddings", "/v1/embeddings",
+                         {"model": "Qwen3-Embedding-0.6B", "input": "What is the capital of France?",
+                          "encoding_format": "base64"}),
+    "large-embeddings": ("large", "/v1/embeddings", "/v1/embeddings",
+                         {"model": "Qwen3-Embedding-0.6B", "input": [f"passage number {i} about Paris" for i in range(8)]}),
+    "rerank": ("rerank", "/score", "/v1/rerank",
+               {"model": "Qwen3-Reranker-0.6B", "query": "What is the capital of France?",
+                "documents": [f"Document {i}: Paris is the capital and largest city of France." for i in range(8)]}),
+}
+
+
+def write_backend(work: Path) -> dict[str, int]:
+    roots = {
+        "small": {"v1/embeddings": embedding_answer(1, 1024, "base64")},
+        "large": {"v1/embeddings": embedding_answer(8, 1024, "float")},
+        "rerank": {"score": score_answer(8)},
+    }
+    ports = {}
+    servers = []
+    for name, files in roots.items():
+        for rel, body in files.items():
+            f = work / "www" / name / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(body)
+        (work / "www" / name / "health").write_text("")
+        (work / "www" / name / "version").write_text('{"version":"bench"}')
+        ports[name] = free_port()
+        servers.append(f"""
+    server {{
+        listen 127.0.0.1:{ports[name]} reuseport backlog=4096;
+        root {work / 'www' / name};
+        default_type application/json;
+        keepalive_requests 1000000;
+        location / {{ error_page 405 =200 $uri; }}
+    }}""")
+    (work / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_buffer_size 64k;
+    {''.join(servers)}
+}}
+""")
+    print(f"sizes: small {len(roots['small']['v1/embeddings'])} B, large {len(roots['large']['v1/embeddings'])} B, "
+          f"rerank /score {len(roots['rerank']['score'])} B")
+    return ports
+
+
+def wrk(url: str, body: dict, key: str | None, conns: int, duration: int, work: Path) -> dict[str, float]:
+    lua = work / "post.lua"
+    headers = 'wrk.headers["Content-Type"] = "application/json"\n'
+    if key:
+        headers += f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+    lua.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n{headers}')
+    threads = 1 if conns == 1 else 2
+    out = subprocess.run(["taskset", "-c", "1", "wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency",
+                          "-s", str(lua), url], capture_output=True, text=True).stdout
+    def lat(label: str) -> float:
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        if not m:
+            return float("nan")
+        v, unit = float(m.group(1)), m.group(2)
+        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": lat("50"), "p99": lat("99"),
+            "non2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors.group(1) if errors else ""}
+
+
+def rss_kb(pid: int) -> int:
+    total = 0
+    for p in [pid, *map(int, subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split())]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def start_gateway(work: Path, ports: dict[str, int], scenario_root: str, workers: int,
+                  redis_url: str | None) -> tuple[subprocess.Popen[bytes], str, str]:
+    gdir = work / f"gw-{scenario_root}-{workers}"
+    gdir.mkdir(exist_ok=True)
+    keys = gdir / "keys.json"
+    key = subprocess.run([PY, str(ROOT / "embedding_reranker_proxy.py"), "keys", "--keys-file", str(keys), "create",
+                          "--name", "bench", "--rate-limit", "100000000/minute"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    port = free_port()
+    backend = f"http://127.0.0.1:{ports[scenario_root]}"
+    cores = "0" if workers == 1 else "0"
+    cmd = ["taskset", "-c", cores, PY, str(ROOT / "embedding_reranker_proxy.py"), "--host", "127.0.0.1",
+           "--port", str(port), "--keys-file", str(keys), "--log-dir", str(gdir / "logs"),
+           "--embedding-url", backend, "--reranker-url", backend, "--workers", str(workers)]
+    if redis_url:
+        cmd += ["--redis-url", redis_url]
+    if workers > 1:
+        cmd[2] = "0,1"
+    p = subprocess.Popen(cmd, stdout=open(gdir / "out.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return p, f"http://127.0.0.1:{port}", key
+
+
+def stop(p: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(p.pid, signal.SIGKILL)
+
+
+def start_litellm(work: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[bytes], str, str]:
+    venv = Path(os.environ.get("LITELLM_VENV", Path.home() / ".cache" / "er-gateway" / "litellm-1.100.5"))
+    if not (venv / "bin" / "litellm").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]==1.100.5"], check=True)
+    cfg = work / "litellm.yaml"
+    cfg.write_text(f"""model_list:
+  - model_name: Qwen3-Embedding-0.6B
+    litellm_params:
+      model: hosted_vllm/Qwen3-Embedding-0.6B
+      api_base: http://127.0.0.1:{ports['small']}/v1
+general_settings:
+  master_key: sk-bench
+""")
+    port = free_port()
+    p = subprocess.Popen(["taskset", "-c", "0", str(venv / "bin" / "litellm"), "--config", str(cfg), "--port",
+                          str(port), "--num_workers", "1"], stdout=open(work / "litellm.log", "wb"),
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    wait_http(f"http://127.0.0.1:{port}/health/liveliness", 120)
+    return p, f"http://127.0.0.1:{port}", "sk-bench"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
+    ap.add_argument("--conns", default="1,64")
+    ap.add_argument("--litellm", action="store_true", help="also measure LiteLLM 1.100.5 (small embeddings)")
+    ap.add_argument("--soak", type=int, default=0, help="seconds of full load on small embeddings, RSS sampled")
+    ap.add_argument("--workers", type=int, default=0, help="also measure --workers N with Redis (small, c=64)")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args()
+    for tool in ("nginx", "wrk", "taskset"):
+        if not shutil.which(tool) and not Path("/usr/sbin/nginx").exists():
+            sys.exit(f"{tool} is missing: apt-get install nginx-light wrk util-linux")
+    work = Path(tempfile.mkdtemp(prefix="er-bench-"))
+    work.chmod(0o755)  # nginx workers run as an unprivileged user
+    ports = write_backend(work)
+    nginx = subprocess.Popen(["taskset", "-c", "1", shutil.which("nginx") or "/usr/sbin/nginx", "-c",
+                              str(work / "nginx.conf"), "-p", str(work)], start_new_session=True)
+    results: list[dict] = []
+    try:
+        for port in ports.values():
+            wait_http(f"http://127.0.0.1:{port}/health")
+        conns = [int(c) for c in args.conns.split(",")]
+        print(f"{'scenario':<18} {'c':>3} {'path':<9} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10}")
+        for name in args.scenarios.split(","):
+            root, direct_path, gw_path, body = SCENARIOS[name]
+            gw, gw_url, key = start_gateway(work, ports, root, 1, None)
+            direct_body = body
+            if name == "rerank":
+                direct_body = {"model": body["model"], "text_1": body["query"], "text_2": body["documents"]}
+            try:
+                for c in conns:
+                    wrk(gw_url + gw_path, body, key, c, 2, work)  # warm-up
+                    d = wrk(f"http://127.0.0.1:{ports[root]}{direct_path}", direct_body, None, c, args.duration, work)
+                    g = wrk(gw_url + gw_path, body, key, c, args.duration, work)
+                    for label, r in (("direct", d), ("gateway", g)):
+                        added = "" if label == "direct" else f"{g['p50'] - d['p50']:+.3f} ms"
+                        print(f"{name:<18} {c:>3} {label:<9} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} "
+                              f"{added:>10}" + (f"  non-2xx {r['non2xx']}" if r["non2xx"] else ""))
+                        results.append({"scenario": name, "conns": c, "path": label, **r})
+                if args.soak and name == "small-embeddings":
+                    samples = []
+                    t_end = time.monotonic() + args.soak
+                    soak = subprocess.Popen(["taskset", "-c", "1", "wrk", "-t2", "-c64", f"-d{args.soak}s", "-s",
+                                             str(work / "post.lua"), gw_url + gw_path], stdout=subprocess.PIPE)
+                    while time.monotonic() < t_end:
+                        time.sleep(max(1, args.soak // 30))
+                        samples.append(rss_kb(gw.pid))
+                    soak.wait()
+                    first, last = samples[len(samples) // 5], samples[-1]
+                    print(f"soak {args.soak}s: RSS after warm-up {first / 1024:.1f} MiB, at end {last / 1024:.1f} "
+                          f"MiB ({(last - first) / first * 100:+.1f} %)")
+                    results.append({"scenario": "soak", "rss_start_kb": first, "rss_end_kb": last, "samples": samples})
+            finally:
+                stop(gw)
+        if args.workers:
+            redis_port = free_port()
+            redis = subprocess.Popen(["taskset", "-c", "1", "redis-server", "--port", str(redis_port), "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, start_new_session=True)
+            time.sleep(0.5)
+            _, _, _, body = SCENARIOS["small-embeddings"]
+            try:
+                for w in (1, args.workers):
+                    gw, gw_url, key = start_gateway(work, ports, "small", w, f"redis://127.0.0.1:{redis_port}/0")
+                    try:
+                        wrk(gw_url + "/v1/embeddings", body, key, 64, 2, work)
+                        r = wrk(gw_url + "/v1/embeddings", body, key, 64, args.duration, work)
+                        print(f"workers={w} with redis: {r['rps']:.0f} rps, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms")
+                        results.append({"scenario": f"workers-{w}-redis", "conns": 64, **r})
+                    finally:
+                        stop(gw)
+            finally:
+                stop(redis)
+        if args.litellm:
+            ll, ll_url, ll_key = start_litellm(work, ports)
+            try:
+                _, _, _, body = SCENARIOS["small-embeddings"]
+                for c in conns:
+                    r = wrk(ll_url + "/v1/embeddings", body, ll_key, c, args.duration, work)
+                    print(f"{'litellm small':<18} {c:>3} {'litellm':<9} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f}")
+                    results.append({"scenario": "small-embeddings", "conns": c, "path": "litellm", **r})
+            finally:
+                stop(ll)
+    finally:
+        stop(nginx)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
