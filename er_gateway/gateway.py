@@ -167,7 +167,7 @@ class Gateway:
         info.retries += result.retries
         if waited:
             self.metrics.queue_wait.observe(waited)
-        self.metrics.upstream.labels(pool.model.name).observe(result.upstream_ms / 1000)
+        self.metrics.child(self.metrics.upstream, pool.model.name).observe(result.upstream_ms / 1000)
         if result.retries:
             self.metrics.retries.labels(pool.model.name).inc(result.retries)
         return result
@@ -175,7 +175,7 @@ class Gateway:
     async def charge_tokens(self, admission: Admission, model: str, tokens: int | None) -> None:
         if tokens:
             admission.info.tokens = (admission.info.tokens or 0) + tokens
-            self.metrics.tokens.labels(model, admission.key.name).inc(tokens)
+            self.metrics.child(self.metrics.tokens, model, admission.key.name).inc(tokens)
             await self.limiter.add_tokens(admission.key, tokens)
 
     # ---- views -----------------------------------------------------------------------------

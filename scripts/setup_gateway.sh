@@ -17,4 +17,4 @@ fi
 spec="."
 [ -n "${EXTRAS:-}" ] && spec=".[${EXTRAS}]"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c 'import er_gateway, aiohttp, fastapi, limits' 
+.venv/bin/python -c 'import er_gateway.app' 
