@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Docker deployment: two vLLM servers (GPU 1 and 0), the gateway and Redis.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() {
+  cat <<USAGE
+Usage: ./docker-deploy.sh {deploy|build|start|stop|status|logs [service]|key}
+
+  deploy   build the gateway image and start everything (first start prints an API key: see logs)
+  build    build the gateway image
+  start    start all services (docker compose up -d)
+  stop     stop and remove the containers (data/ keeps keys and logs)
+  status   container states, then the gateway's /health
+  logs     follow the logs (all services, or one: embedding | reranker | gateway | redis)
+  key      create an API key named \$NAME (default: user) and print it
+
+Configuration (environment or .env): MODEL_SIZE (0.6B|4B|8B), MODEL_PATH / EMBEDDING_MODEL_PATH /
+RERANKER_MODEL_PATH, GPU_MEMORY_UTILIZATION (or EMBEDDING_/RERANKER_GPU_MEMORY_UTILIZATION),
+MAX_MODEL_LEN, GATEWAY_PORT (2048), GATEWAY_WORKERS (2), RATE_LIMIT (100/minute), VLLM_IMAGE_TAG.
+USAGE
+}
+
+compose() {
+  if docker compose version >/dev/null 2>&1; then docker compose "$@"; else docker-compose "$@"; fi
+}
+
+prepare() {
+  mkdir -p data/logs models
+  # the gateway runs as uid 10001 inside its container
+  chown -R 10001 data 2>/dev/null || chmod -R a+rwX data
+}
+
+case "${1:-}" in
+  deploy) prepare; compose build gateway; compose up -d
+          echo "started; the first API key is printed once in: ./docker-deploy.sh logs gateway";;
+  build) compose build gateway;;
+  start) prepare; compose up -d;;
+  stop) compose down;;
+  status) compose ps
+          curl -fsS "http://127.0.0.1:${GATEWAY_PORT:-2048}/health" && echo || { echo "gateway not healthy"; exit 1; };;
+  logs) shift; compose logs -f --tail=200 "$@";;
+  key) compose exec gateway python embedding_reranker_proxy.py keys create --name "${NAME:-user}";;
+  -h|--help|"") usage; [ -n "${1:-}" ];;
+  *) echo "unknown command '$1'" >&2; usage >&2; exit 2;;
+esac

@@ -1,0 +1,141 @@
+"""Packaging and deployment: download_models.py, Docker files, systemd units, load tester, fresh clone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import yaml
+
+from conftest import PY, ROOT, Stack, free_port, run_cli, wait_until
+
+
+def test_download_models_offline_is_a_clear_error(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    env.pop("HF_HUB_OFFLINE", None)
+    r = subprocess.run([PY, str(ROOT / "download_models.py"), "--model-size", "0.6B", "--kind", "embedding",
+                        "--output-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "could not download Qwen/Qwen3-Embedding-0.6B" in r.stderr and "online" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_download_models_verification(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    import download_models as dm
+
+    good = tmp_path / "m"
+    good.mkdir()
+    (good / "config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (good / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    assert dm.verify(good, {"config.json": 2, "model.safetensors": None}) == []
+    assert "config.json has 2 bytes, expected 3" in dm.verify(good, {"config.json": 3})[0]
+    (good / "model.safetensors").write_bytes(b"garbage")
+    assert any("not a readable safetensors" in p for p in dm.verify(good, {}))
+    assert dm.repo_ids("4B", "all") == ["Qwen/Qwen3-Embedding-4B", "Qwen/Qwen3-Reranker-4B"]
+    help_text = subprocess.run([PY, str(ROOT / "download_models.py"), "--help"], capture_output=True, text=True).stdout
+    for flag in ("--model-size", "--kind", "--output-dir", "--source"):
+        assert flag in help_text
+
+
+def test_compose_file() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"embedding", "reranker", "gateway", "redis"}
+    for name, gpu, port in (("embedding", "1", "8000:8000"), ("reranker", "0", "8001:8000")):
+        svc = services[name]
+        assert svc["image"].startswith("vllm/vllm-openai")
+        dev = svc["deploy"]["resources"]["reservations"]["devices"][0]
+        assert dev["device_ids"] == [gpu] and dev["capabilities"] == ["gpu"] and dev["driver"] == "nvidia"
+        assert port in svc["ports"]
+        cmd = " ".join(svc["command"])
+        assert "--runner=pooling" in cmd and "MODEL_SIZE" in cmd and "MAX_MODEL_LEN" in cmd
+        assert "GPU_MEMORY_UTILIZATION" in cmd
+    assert "--convert=embed" in " ".join(services["embedding"]["command"])
+    assert "is_original_qwen3_reranker" in " ".join(services["reranker"]["command"])
+    assert "MODEL_PATH" in " ".join(services["reranker"]["command"])
+    gw = services["gateway"]
+    assert gw["build"] == "." and any(p.endswith(":2048") for p in gw["ports"])
+    env = gw["environment"]
+    assert env["ER_EMBEDDING_URLS"] == "http://embedding:8000" and env["ER_RERANKER_URLS"] == "http://reranker:8000"
+    assert env["ER_REDIS_URL"].startswith("redis://redis:") and "ER_WORKERS" in env
+    assert gw["depends_on"]["embedding"]["condition"] == "service_healthy"
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        r = subprocess.run(["docker", "compose", "config", "-q"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+
+def test_dockerfile_and_deploy_script() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in text and "\nUSER gateway" in text and "HEALTHCHECK" in text
+    assert "/health" in text and "EXPOSE 2048" in text
+    r = subprocess.run([str(ROOT / "docker-deploy.sh"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for cmd in ("deploy", "build", "start", "stop", "status", "logs"):
+        assert cmd in r.stdout
+    assert subprocess.run([str(ROOT / "docker-deploy.sh"), "bogus"], capture_output=True).returncode == 2
+
+
+def test_systemd_units() -> None:
+    units = {p.name: p.read_text() for p in (ROOT / "deploy" / "systemd").glob("*.service")}
+    assert set(units) == {"er-gateway.service", "vllm-embedding.service", "vllm-reranker.service"}
+    assert "embedding_reranker_proxy.py" in units["er-gateway.service"] and "kill -HUP" in units["er-gateway.service"]
+    assert "CUDA_VISIBLE_DEVICES=1" in units["vllm-embedding.service"] and "--port 8000" in units["vllm-embedding.service"]
+    assert "CUDA_VISIBLE_DEVICES=0" in units["vllm-reranker.service"] and "--hf-overrides" in units["vllm-reranker.service"]
+    for text in units.values():
+        assert "[Service]" in text and "ExecStart=" in text and "[Install]" in text
+
+
+def test_performance_test_tool(stack: Stack) -> None:
+    for endpoint, batch in (("embeddings", 4), ("rerank", 3), ("batch_rerank", 2)):
+        r = subprocess.run([PY, str(ROOT / "performance_test.py"), "--url", stack.gw.url, "--key", stack.gw.key,
+                            "--endpoint", endpoint, "--requests", "60", "--concurrency", "8", "--batch-size",
+                            str(batch), "--instruction", "Find it", "--json"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        summary = json.loads(r.stdout)
+        assert summary["requests"] == 60 and summary["ok"] == 60 and summary["by_status"] == {"200": 60}
+        assert summary["latency_ms"]["p50"] > 0 and summary["throughput_rps"] > 0
+        assert "%" in r.stderr  # the progress bar
+    bad = subprocess.run([PY, str(ROOT / "performance_test.py"), "--url", stack.gw.url, "--key", "er-wrong",
+                          "--requests", "5", "--quiet"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "401: 5" in bad.stdout
+
+
+def test_fresh_clone_runs_from_the_readme_command(tmp_path: Path) -> None:
+    """Clone the committed repo and run the README's run command until /health answers."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)], check=True)
+    assert "bash scripts/run.sh" in (clone / "README.md").read_text()
+    port = free_port()
+    log = open(tmp_path / "run.log", "wb")
+    p = subprocess.Popen(["bash", "scripts/run.sh", "--host", "127.0.0.1", "--port", str(port)], cwd=clone,
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")})
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code in (200, 503), 600,
+                   "fresh clone's gateway", p)
+        body = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        assert body["status"] == "unhealthy"  # no vLLM here: it answers, and says so
+        out = (tmp_path / "run.log").read_text()
+        assert "First start" in out and (clone / "er_api_keys.json").exists()
+    finally:
+        os.killpg(p.pid, 15)
+        p.wait(20)
+
+
+def test_cli_version_of_help_matches_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    r = run_cli("--help")
+    for flag in ("--embedding-url", "--reranker-url", "--rate-limit", "--redis-url", "--max-concurrency",
+                 "--workers", "--log-format", "--max-body-bytes", "--backend-api-key"):
+        assert flag in r.stdout and flag in readme
+    assert sys.version_info >= (3, 11)
