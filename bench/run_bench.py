@@ -160,22 +160,20 @@ def rss_kb(pid: int) -> int:
 
 def start_gateway(work: Path, ports: dict[str, int], scenario_root: str, workers: int,
                   redis_url: str | None) -> tuple[subprocess.Popen[bytes], str, str]:
-    gdir = work / f"gw-{scenario_root}-{workers}"
-    gdir.mkdir(exist_ok=True)
+    gdir = Path(tempfile.mkdtemp(prefix=f"gw-{scenario_root}-{workers}-", dir=work))
     keys = gdir / "keys.json"
     key = subprocess.run([PY, str(ROOT / "embedding_reranker_proxy.py"), "keys", "--keys-file", str(keys), "create",
                           "--name", "bench", "--rate-limit", "100000000/minute"], capture_output=True, text=True,
                          check=True).stdout.strip()
     port = free_port()
     backend = f"http://127.0.0.1:{ports[scenario_root]}"
-    cores = "0" if workers == 1 else "0"
+    # one worker: core 0 alone; more workers: every core (shared with nginx and wrk on core 1)
+    cores = "0" if workers == 1 else f"0-{os.cpu_count() - 1}"
     cmd = ["taskset", "-c", cores, PY, str(ROOT / "embedding_reranker_proxy.py"), "--host", "127.0.0.1",
            "--port", str(port), "--keys-file", str(keys), "--log-dir", str(gdir / "logs"),
            "--embedding-url", backend, "--reranker-url", backend, "--workers", str(workers)]
     if redis_url:
         cmd += ["--redis-url", redis_url]
-    if workers > 1:
-        cmd[2] = "0,1"
     p = subprocess.Popen(cmd, stdout=open(gdir / "out.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     wait_http(f"http://127.0.0.1:{port}/health")
     return p, f"http://127.0.0.1:{port}", key
@@ -235,7 +233,7 @@ def main() -> None:
             wait_http(f"http://127.0.0.1:{port}/health")
         conns = [int(c) for c in args.conns.split(",")]
         print(f"{'scenario':<18} {'c':>3} {'path':<9} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10}")
-        for name in args.scenarios.split(","):
+        for name in filter(None, args.scenarios.split(",")):
             root, direct_path, gw_path, body = SCENARIOS[name]
             gw, gw_url, key = start_gateway(work, ports, root, 1, None)
             direct_body = body

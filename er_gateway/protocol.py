@@ -58,17 +58,3 @@ class RerankRequest(BaseModel):
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
-
-
-class RerankResult(BaseModel):
-    index: int
-    relevance_score: float
-    document: dict[str, str] | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "er-gateway"
-    kind: str
