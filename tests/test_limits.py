@@ -207,3 +207,20 @@ def test_query_string_key_is_not_logged(tmp_path: Path, backends) -> None:  # ty
     assert "key=admin" in (gw.logs / "access.log").read_text()
 
 
+
+
+def test_token_budget_per_key(tmp_path: Path, backends) -> None:  # type: ignore[no-untyped-def]
+    gw = start_gateway(tmp_path, *backend_args(*backends))
+    try:
+        key = new_key(gw, "--name", "tok", "--tpm", "10", hup=True)
+        r = gw.post("/v1/embeddings", {"input": "a b c d"}, key=key)  # the stand-in counts 5 tokens
+        assert r.status_code == 200
+        assert r.headers["X-RateLimit-Limit-Tokens"] == "10" and r.headers["X-RateLimit-Remaining-Tokens"] == "10"
+        r = gw.post("/v1/embeddings", {"input": "a b c d"}, key=key)
+        assert r.headers["X-RateLimit-Remaining-Tokens"] == "5"  # counted after the first answer
+        r = gw.post("/v1/embeddings", {"input": "a b c d"}, key=key)
+        assert r.status_code == 429 and "token budget" in r.json()["error"]["message"]
+        assert r.headers["X-RateLimit-Remaining-Tokens"] == "0" and int(r.headers["Retry-After"]) >= 1
+        assert r.headers["X-RateLimit-Limit"] == "100"  # the request-limit family is there too
+    finally:
+        gw.stop()
