@@ -59,6 +59,10 @@ class Gateway:
     async def start(self) -> None:
         await self.upstreams.start(self.settings.models)
         self._tasks.append(asyncio.create_task(self._watch_keys()))
+        if self.metrics.multiprocess:
+            # /metrics sums every worker's files, but only the answering worker refreshes its
+            # gauges on a scrape; the others keep theirs at most a second old.
+            self._tasks.append(asyncio.create_task(self._refresh_gauges_forever()))
         # `kill -HUP <pid>`: re-read the keys file now (the watcher would within a second anyway).
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_keys)
 
@@ -81,6 +85,11 @@ class Gateway:
             await asyncio.sleep(1.0)
             if self.keys.changed():
                 self.reload_keys()
+
+    async def _refresh_gauges_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.refresh_gauges()
 
     def reload_keys(self) -> bool:
         try:
