@@ -191,7 +191,9 @@ def start_litellm(work: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[b
     venv = Path(os.environ.get("LITELLM_VENV", Path.home() / ".cache" / "er-gateway" / "litellm-1.100.5"))
     if not (venv / "bin" / "litellm").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]==1.100.5"], check=True)
+        with open(work / "litellm-install.log", "wb") as log:
+            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]==1.100.5"], check=True,
+                           stdout=log, stderr=subprocess.STDOUT)
     cfg = work / "litellm.yaml"
     cfg.write_text(f"""model_list:
   - model_name: Qwen3-Embedding-0.6B
