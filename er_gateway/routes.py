@@ -191,6 +191,10 @@ async def score_passthrough(request: Request) -> Response:
         for f in (a, b):
             if f in data and (data[f] == [] or data[f] == ""):
                 raise GatewayError(400, f"'{f}' must not be empty", param=f)
+    for f in ("text_1", "text_2"):  # the form every vLLM version takes; others pass to vLLM as sent
+        v = data.get(f)
+        if f in data and not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
+            raise GatewayError(400, f"'{f}' must be a string or a list of strings", param=f)
     pool = gw.resolve(model, "rerank", adm.key)
     adm.info.model = pool.model.name
     body = raw

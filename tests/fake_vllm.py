@@ -173,6 +173,8 @@ class Fake:
         t1, t2 = data.get("text_1"), data.get("text_2")
         if t1 is None or t2 is None:
             return self.error(400, "text_1 and text_2 are required", "BadRequestError")
+        if not isinstance(t1, str) or not (isinstance(t2, str) or all(isinstance(d, str) for d in t2)):
+            return self.error(400, "1 validation error: text_1/text_2 must be strings", "BadRequestError")
         docs = t2 if isinstance(t2, list) else [t2]
         if not docs:
             return self.error(400, "At least one document is required", "BadRequestError")
