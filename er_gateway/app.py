@@ -1,4 +1,8 @@
-"""The ASGI application: FastAPI routes inside the request middleware, plus lifespan."""
+"""The ASGI application: GatewayASGI (request id, timing, bookkeeping, dispatch) around FastAPI.
+
+FastAPI declares the routes (and serves /docs, 404 and 405); GatewayASGI calls the API
+endpoints directly from a table built from the same router.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,10 @@ from typing import Any
 import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from fastapi.routing import APIRoute
 
 from .errors import GatewayError
 from .gateway import Gateway

@@ -238,3 +238,10 @@ def test_request_id_echoed_and_overhead_header(stack: Stack) -> None:
     assert float(r.headers["X-Gateway-Overhead-Ms"]) >= 0
     r = httpx.get(stack.gw.url + "/health")
     assert len(r.headers["X-Request-ID"]) >= 16
+
+
+def test_openapi_docs_list_the_api(stack: Stack) -> None:
+    spec = httpx.get(stack.gw.url + "/openapi.json").json()
+    for path in ("/v1/embeddings", "/v1/rerank", "/v2/rerank", "/rerank", "/batch_rerank", "/v1/models", "/health"):
+        assert path in spec["paths"], path
+    assert httpx.get(stack.gw.url + "/docs").status_code == 200
