@@ -139,3 +139,31 @@ def test_url_validation() -> None:
         HTTPPool("ftp://x", connect_timeout=1, timeout=1)
     p = HTTPPool("https://example.invalid:8443/prefix/", connect_timeout=1, timeout=1)
     assert (p.host, p.port, p.prefix, p.ssl is not None) == ("example.invalid", 8443, "/prefix", True)
+
+
+async def test_https_backend(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    raw = RawServer(lambda req, n: ok(b'{"tls":true}'))
+    port = free_port()
+    server = await asyncio.start_server(raw.handle, "127.0.0.1", port, ssl=server_ctx)
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # how a user trusts a private CA
+        pool = HTTPPool(f"https://127.0.0.1:{port}", connect_timeout=2, timeout=5)
+        assert (await pool.request("POST", "/v1/embeddings", b"{}")).body == b'{"tls":true}'
+        assert (await pool.request("POST", "/v1/embeddings", b"{}")).status == 200
+        assert raw.connections == 1
+        await pool.close()
+        monkeypatch.delenv("SSL_CERT_FILE")
+        untrusted = HTTPPool(f"https://127.0.0.1:{port}", connect_timeout=2, timeout=5)
+        with pytest.raises(ConnectError):  # an unknown certificate is refused, not silently accepted
+            await untrusted.request("GET", "/health")
+    finally:
+        server.close()

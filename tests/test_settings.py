@@ -82,3 +82,29 @@ def test_workers_without_redis_refuses_to_start() -> None:
     r = run_cli("--workers", "2")
     assert r.returncode == 2
     assert "--redis-url" in r.stderr and "N times" in r.stderr
+
+
+def test_gateway_serves_https_with_ssl_flags(tmp_path: Path) -> None:
+    import subprocess
+
+    import httpx
+
+    from conftest import start_gateway
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    gw = start_gateway(tmp_path, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), wait=False)
+    try:
+        import ssl
+
+        from conftest import wait_until
+
+        url = gw.url.replace("http://", "https://")
+        trust = ssl.create_default_context(cafile=str(cert))
+        wait_until(lambda: httpx.get(url + "/health", verify=trust).status_code in (200, 503), 20, "https", gw.proc)
+        r = httpx.get(url + "/v1/models", verify=trust, headers=gw.auth)
+        assert r.status_code == 200
+    finally:
+        gw.stop()
