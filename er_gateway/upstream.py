@@ -164,7 +164,7 @@ class Pool:
 
 
 class Upstreams:
-    """All pools, the shared sessions and the health-check loop."""
+    """All pools, one HTTP client per backend URL, and the health-check loop."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -186,7 +186,7 @@ class Upstreams:
         return client
 
     def build(self, models: list[ModelConfig]) -> dict[str, Pool]:
-        """Pools for `models`, reusing sessions and replica state for URLs already known."""
+        """Pools for `models`, reusing clients and replica state for URLs already known."""
         known = {r.url: r for p in self.pools.values() for r in p.replicas}
         pools: dict[str, Pool] = {}
         for m in models:
