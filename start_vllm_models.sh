@@ -28,6 +28,7 @@ Environment (current value):
   LOG_DIR                            $LOG_DIR
   HEALTH_TIMEOUT                     $HEALTH_TIMEOUT   (seconds to wait for /health)
   RERANKER_PROMPT                    $RERANKER_PROMPT   (gateway|server|none; must match the gateway's)
+  RERANKER_HF_OVERRIDES              Qwen3 original-reranker overrides (set empty for a *-seq-cls checkpoint)
 CPU mode only:
   VLLM_CPU_KVCACHE_SPACE             ${VLLM_CPU_KVCACHE_SPACE:-1}   (GiB of KV cache per server)
   EMBEDDING_CPU_CORES / RERANKER_CPU_CORES   cores bound per server (default: half the cores each)
@@ -111,7 +112,7 @@ launch() {
     [ "$kind" = embedding ] && args+=(--task embed) || args+=(--task score)
   fi
   if [ "$kind" = reranker ]; then
-    args+=(--hf-overrides "$QWEN3_RERANKER_OVERRIDES")
+    [ -n "$RERANKER_HF_OVERRIDES" ] && args+=(--hf-overrides "$RERANKER_HF_OVERRIDES")
     [ "$RERANKER_PROMPT" = server ] && args+=(--chat-template "$RERANKER_TEMPLATE")
   fi
   if [ "$DEVICE" = cuda ]; then

@@ -26,6 +26,8 @@ GATEWAY_URL=${GATEWAY_URL:-http://127.0.0.1:2048}
 RERANKER_TEMPLATE=${RERANKER_TEMPLATE:-$ER_ROOT/templates/qwen3_reranker.jinja}
 
 QWEN3_RERANKER_OVERRIDES='{"architectures":["Qwen3ForSequenceClassification"],"classifier_from_token":["no","yes"],"is_original_qwen3_reranker":true}'
+# Set to empty for a checkpoint that is already a sequence classifier (e.g. *-seq-cls conversions).
+RERANKER_HF_OVERRIDES=${RERANKER_HF_OVERRIDES-$QWEN3_RERANKER_OVERRIDES}
 
 # model_get KIND FIELD -> value (KIND: embedding|reranker)
 model_get() {

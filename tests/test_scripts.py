@@ -108,6 +108,16 @@ def test_old_vllm_gets_task_flags_and_gpu_settings(tmp_path: Path) -> None:
         run("stop_vllm_models.sh", env)
 
 
+def test_reranker_overrides_can_be_dropped(tmp_path: Path) -> None:
+    env = env_for(tmp_path, RERANKER_HF_OVERRIDES="")
+    try:
+        assert run("start_vllm_models.sh", env, "--only", "reranker").returncode == 0
+        (rer,) = record(env)
+        assert "--hf-overrides" not in rer and "--runner pooling" in rer
+    finally:
+        run("stop_vllm_models.sh", env)
+
+
 def test_gpu_defaults(tmp_path: Path) -> None:
     env = env_for(tmp_path, DEVICE="cuda")
     try:
