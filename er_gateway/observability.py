@@ -277,9 +277,12 @@ class Metrics:
 
 
 class Recent:
-    """The last minute of requests, for the status page (a bounded deque: O(1) per request)."""
+    """The last minute of requests (or the last 20,000, whichever is shorter) for the status page.
 
-    def __init__(self, horizon: float = 60.0, maxlen: int = 200_000) -> None:
+    Bounded so a refresh of /status costs a few milliseconds of event-loop time, not a stall.
+    """
+
+    def __init__(self, horizon: float = 60.0, maxlen: int = 20_000) -> None:
         self.horizon = horizon
         self.events: deque[tuple[float, str, int, float]] = deque(maxlen=maxlen)
 
@@ -287,9 +290,15 @@ class Recent:
         self.events.append((time.monotonic(), model, status, seconds))
 
     def summary(self) -> dict[str, dict[str, float | int | None]]:
-        cutoff = time.monotonic() - self.horizon
+        now = time.monotonic()
+        events = list(self.events)
+        cutoff = now - self.horizon
+        # When the deque is full it covers less than the horizon: divide by what it covers.
+        span = self.horizon
+        if len(events) == self.events.maxlen and events and events[0][0] > cutoff:
+            span = max(now - events[0][0], 1e-3)
         by_model: dict[str, list[tuple[int, float]]] = {}
-        for t, model, status, seconds in list(self.events):
+        for t, model, status, seconds in events:
             if t >= cutoff:
                 by_model.setdefault(model, []).append((status, seconds))
         out: dict[str, dict[str, float | int | None]] = {}
@@ -298,7 +307,7 @@ class Recent:
             n = len(rows)
             out[model] = {
                 "requests": n,
-                "rps": round(n / self.horizon, 3),
+                "rps": round(n / span, 3),
                 "p50_ms": round(lat[int(0.50 * (n - 1))] * 1000, 2),
                 "p95_ms": round(lat[int(0.95 * (n - 1))] * 1000, 2),
                 "error_rate": round(sum(1 for st, _ in rows if st >= 500) / n, 4),

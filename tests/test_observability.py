@@ -154,3 +154,15 @@ def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
     finally:
         for p in (gw, e1, e2, rer):
             p.stop()
+
+
+def test_recent_rate_is_right_when_the_window_is_full() -> None:
+    from er_gateway.observability import Recent
+
+    r = Recent(horizon=60, maxlen=100)
+    for _ in range(100):
+        r.add("m", 200, 0.002)
+    time.sleep(0.1)
+    s = r.summary()["m"]
+    assert s["requests"] == 100 and s["rps"] > 100 * 0.5 / 0.2  # ~1,000/s, not 100/60
+    assert s["p50_ms"] == 2.0 and s["error_rate"] == 0
