@@ -175,7 +175,11 @@ def start_gateway(work: Path, ports: dict[str, int], scenario_root: str, workers
     if redis_url:
         cmd += ["--redis-url", redis_url]
     p = subprocess.Popen(cmd, stdout=open(gdir / "out.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    wait_http(f"http://127.0.0.1:{port}/health")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+    except TimeoutError:
+        stop(p)  # never leave a gateway behind
+        raise SystemExit(f"gateway did not start; see {gdir / 'out.log'}") from None
     return p, f"http://127.0.0.1:{port}", key
 
 
