@@ -65,7 +65,7 @@ def create_app(settings: Settings, cli_overrides: dict[str, Any] | None = None) 
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
-        return exc.response()
+        return error_response(exc, request.scope)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -78,10 +78,17 @@ def create_app(settings: Settings, cli_overrides: dict[str, Any] | None = None) 
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return GatewayError(500, "internal gateway error; see the gateway log").response()
+        return error_response(exc, request.scope)
 
     return GatewayASGI(app, Recorder(logs, gateway.metrics, gateway.recent))
+
+
+def error_response(exc: Exception, scope: dict[str, Any]) -> Response:
+    """The envelope for any exception: a GatewayError as it says, anything else a logged 500."""
+    if isinstance(exc, GatewayError):
+        return exc.response()
+    log.error("unexpected error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+    return GatewayError(500, "internal gateway error; see the gateway log").response()
 
 
 class GatewayASGI:
@@ -135,11 +142,8 @@ class GatewayASGI:
             scope["app"] = self.app
             try:
                 response = await endpoint(Request(scope, receive))
-            except GatewayError as e:
-                response = e.response()
-            except Exception:
-                log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-                response = GatewayError(500, "internal gateway error; see the gateway log").response()
+            except Exception as e:  # noqa: BLE001 - every failure leaves as the SPEC envelope
+                response = error_response(e, scope)
             await response(scope, receive, send_wrapper)
         finally:
             self.recorder.record(scope, info, status)

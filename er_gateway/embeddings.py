@@ -15,7 +15,7 @@ import orjson
 from starlette.responses import Response
 
 from .errors import GatewayError
-from .gateway import Admission, Gateway, usage_tokens
+from .gateway import Admission, Gateway, usage_tokens, use_backend_name
 from .protocol import EmbeddingRequest
 from .qwen3 import embedding_query
 from .upstream import Pool
@@ -30,9 +30,7 @@ async def create_embeddings(
     pool = gw.resolve(req.model, "embedding", adm.key)
     adm.info.model = pool.model.name
     changed = _apply_gateway_fields(gw, pool, req, data)
-    if req.model is not None and req.model != pool.model.backend_name:
-        data["model"] = pool.model.backend_name  # an alias, or a name that differs upstream
-        changed = True
+    changed = use_backend_name(data, pool) or changed
     inputs = data["input"]
     many = isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
     adm.info.items = len(inputs) if many else 1

@@ -253,6 +253,19 @@ def api_key_of(request: Request) -> str | None:
     return request.query_params.get("api_key") or None
 
 
+def use_backend_name(data: dict[str, Any], pool: Pool) -> bool:
+    """Point a client body at the name vLLM serves (an alias or served_name may differ).
+
+    A body without `model` is left alone: vLLM then uses its one served model.
+    Returns whether `data` changed (and so must be re-serialised).
+    """
+    requested = data.get("model")
+    if requested is None or requested == pool.model.backend_name:
+        return False
+    data["model"] = pool.model.backend_name
+    return True
+
+
 def usage_tokens(body: bytes) -> int | None:
     """`usage.total_tokens` from a vLLM answer without parsing its vectors.
 

@@ -121,13 +121,6 @@ class _AccessWriter(threading.Thread):
         self.file.close()
 
 
-def _rotating(path: Path, settings: Settings) -> logging.Handler:
-    h = logging.handlers.RotatingFileHandler(
-        path, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups, encoding="utf-8"
-    )
-    return h
-
-
 class Logs:
     """Owns the writer threads of the gateway log and the access log."""
 
@@ -138,7 +131,10 @@ class Logs:
         fmt: logging.Formatter = (
             _JsonFormatter() if self.json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
-        file_h = _rotating(log_dir / GATEWAY_LOG, settings)
+        file_h = logging.handlers.RotatingFileHandler(
+            log_dir / GATEWAY_LOG, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups,
+            encoding="utf-8",
+        )
         out_h = logging.StreamHandler(sys.stdout)
         for h in (file_h, out_h):
             h.setFormatter(fmt)

@@ -15,7 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .embeddings import create_embeddings
 from .errors import GatewayError
-from .gateway import Admission, Gateway, api_key_of, usage_tokens
+from .gateway import Admission, Gateway, api_key_of, usage_tokens, use_backend_name
 from .protocol import EmbeddingRequest, RerankRequest
 from .rerank import rerank
 from .status_page import STATUS_HTML
@@ -27,6 +27,12 @@ _STARTED = int(time.time())
 
 def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+def require_key_if(required: bool, gw: Gateway, request: Request) -> None:
+    """Operational pages are public unless configured otherwise (--metrics-auth, --status-auth)."""
+    if required:
+        gw.keys.authenticate(api_key_of(request))
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -197,9 +203,7 @@ async def score_passthrough(request: Request) -> Response:
             raise GatewayError(400, f"'{f}' must be a string or a list of strings", param=f)
     pool = gw.resolve(model, "rerank", adm.key)
     adm.info.model = pool.model.name
-    body = raw
-    if model is not None and model != pool.model.backend_name:
-        body = orjson.dumps({**data, "model": pool.model.backend_name})
+    body = orjson.dumps(data) if use_backend_name(data, pool) else raw
     result = await gw.call(pool, "/score", body, adm.info)
     await gw.charge_tokens(adm, pool.model.name, usage_tokens(result.body))
     return Response(result.body, media_type="application/json", headers=adm.headers)
@@ -223,8 +227,7 @@ async def health(request: Request) -> Response:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     gw = gateway_of(request)
-    if gw.settings.metrics_auth:
-        gw.keys.authenticate(api_key_of(request))
+    require_key_if(gw.settings.metrics_auth, gw, request)
     gw.refresh_gauges()
     return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
@@ -232,14 +235,12 @@ async def metrics(request: Request) -> Response:
 @router.get("/status")
 async def status_page(request: Request) -> Response:
     gw = gateway_of(request)
-    if gw.settings.status_auth:
-        gw.keys.authenticate(api_key_of(request))
+    require_key_if(gw.settings.status_auth, gw, request)
     return HTMLResponse(STATUS_HTML)
 
 
 @router.get("/status.json")
 async def status_json(request: Request) -> Response:
     gw = gateway_of(request)
-    if gw.settings.status_auth:
-        gw.keys.authenticate(api_key_of(request))
+    require_key_if(gw.settings.status_auth, gw, request)
     return json_response(gw.status_snapshot())

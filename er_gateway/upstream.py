@@ -34,7 +34,6 @@ class Replica:
     last_error: str | None = None
     latency_ms: float | None = None
     requests: int = 0
-    errors: int = 0
 
     def state(self) -> dict[str, object]:
         return {
@@ -81,9 +80,6 @@ class Pool:
         best = [r for r in candidates if r.outstanding == low]
         return best[next(self._rr) % len(best)]
 
-    def available(self) -> bool:
-        return any(r.healthy for r in self.replicas)
-
     async def post(self, path: str, body: bytes, request_id: str | None = None) -> UpstreamResult:
         """POST `body` to a replica; retry elsewhere on connect errors and 503s.
 
@@ -108,15 +104,14 @@ class Pool:
             replica.outstanding += 1
             replica.requests += 1
             start = time.perf_counter()
+            # Failures another replica may not have (connect errors, broken connections, 503)
+            # are retried there; everything else is final.
             try:
                 resp = await replica.client.request("POST", path, body, headers)
             except ConnectError as e:
                 self._fail(replica, "connect", f"cannot connect: {e}", down=True)
                 last = GatewayError(503, f"backend {replica.url} refused the connection",
                                     headers={"Retry-After": "1"})
-                if retries < self.settings.max_retries:
-                    continue
-                raise last from None
             except TimeoutError:
                 self._fail(replica, "timeout", "timed out")
                 raise GatewayError(
@@ -127,33 +122,36 @@ class Pool:
                 # and scoring are idempotent, so trying another replica is safe.
                 self._fail(replica, "disconnect", str(e))
                 last = GatewayError(502, f"backend {replica.url} closed the connection")
-                if retries < self.settings.max_retries:
-                    continue
-                raise last from None
             except ProtocolError as e:
                 self._fail(replica, "protocol", str(e))
                 raise GatewayError(502, f"bad answer from backend {replica.url}: {e}") from None
+            else:
+                answer = self._answer(replica, resp.status, resp.body, (time.perf_counter() - start) * 1000, retries)
+                if isinstance(answer, UpstreamResult):
+                    return answer
+                last = answer
             finally:
                 replica.outstanding -= 1
-            elapsed = (time.perf_counter() - start) * 1000
-            status, data = resp.status, resp.body
-            if status < 400:
-                replica.latency_ms = elapsed
-                return UpstreamResult(data, status, replica.url, elapsed, retries)
-            message, param = parse_backend_error(data)
-            if status == 503:
-                self._fail(replica, "http_503", message)
-                last = GatewayError(503, f"backend unavailable: {message}", headers={"Retry-After": "1"})
-                if retries < self.settings.max_retries:
-                    continue
+            if retries >= self.settings.max_retries:
                 raise last
-            if status >= 500:
-                self._fail(replica, f"http_{status}", message)
-                raise GatewayError(502, f"backend error ({status}): {message}")
-            raise GatewayError(status, message, param=param)
+
+    def _answer(
+        self, replica: Replica, status: int, body: bytes, elapsed_ms: float, retries: int
+    ) -> UpstreamResult | GatewayError:
+        """A 2xx result, or a 503 worth retrying elsewhere; other statuses raise per SPEC.md."""
+        if status < 400:
+            replica.latency_ms = elapsed_ms
+            return UpstreamResult(body, status, replica.url, elapsed_ms, retries)
+        message, param = parse_backend_error(body)
+        if status == 503:
+            self._fail(replica, "http_503", message)
+            return GatewayError(503, f"backend unavailable: {message}", headers={"Retry-After": "1"})
+        if status >= 500:
+            self._fail(replica, f"http_{status}", message)
+            raise GatewayError(502, f"backend error ({status}): {message}")
+        raise GatewayError(status, message, param=param)
 
     def _fail(self, replica: Replica, kind: str, message: str, *, down: bool = False) -> None:
-        replica.errors += 1
         replica.last_error = f"{kind}: {message}"
         replica.ejected_until = time.monotonic() + self.settings.eject_cooldown
         if down:
