@@ -9,7 +9,8 @@ Usage: ./check_models_status.sh [--json] [--only embedding|reranker] [--no-gatew
 
 Per model: pid alive, port listening, /health, served names and max_model_len (/v1/models),
 GPU memory (nvidia-smi, when present), log file and its last error line. Then the gateway's
-/health at GATEWAY_URL (now $GATEWAY_URL) unless --no-gateway.
+/health at GATEWAY_URL (now $GATEWAY_URL) unless --no-gateway. /v1/models is asked with the
+backend key (VLLM_API_KEY, else \$LOG_DIR/vllm_api_key); /health needs none.
 Exit codes: 0 everything checked is up; 1 something is down; 2 bad usage.
 EOF
 }
@@ -55,10 +56,10 @@ for kind in $KINDS; do
   log=$(model_get "$kind" log)
   alive=false; pid_alive "$pid" && alive=true
   listening=false; port_open "$port" && listening=true
-  health=$(http_code "http://127.0.0.1:$port/health"); [ -z "$health" ] && health=0; health=$((10#$health))
+  health=$(http_code "http://$PROBE_HOST:$port/health"); [ -z "$health" ] && health=0; health=$((10#$health))
   names="-"; maxlen="-"
   if [ "$health" = 200 ]; then
-    models=$(curl -s -m 3 "http://127.0.0.1:$port/v1/models" 2>/dev/null)
+    models=$(vllm_curl "http://$PROBE_HOST:$port/v1/models")
     names=$(printf '%s' "$models" | json_field "','.join(m['id'] for m in d['data'])")
     maxlen=$(printf '%s' "$models" | json_field "','.join(str(m.get('max_model_len','-')) for m in d['data'])")
   fi

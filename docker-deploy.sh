@@ -17,7 +17,9 @@ Usage: ./docker-deploy.sh {deploy|build|start|stop|status|logs [service]|key}
 
 Configuration (environment or .env): MODEL_SIZE (0.6B|4B|8B), MODEL_PATH / EMBEDDING_MODEL_PATH /
 RERANKER_MODEL_PATH, GPU_MEMORY_UTILIZATION (or EMBEDDING_/RERANKER_GPU_MEMORY_UTILIZATION),
-MAX_MODEL_LEN, GATEWAY_PORT (2048), GATEWAY_WORKERS (2), RATE_LIMIT (100/minute), VLLM_IMAGE_TAG.
+MAX_MODEL_LEN, GATEWAY_PORT (2048), GATEWAY_WORKERS (2), RATE_LIMIT (100/minute), VLLM_IMAGE_TAG,
+VLLM_API_KEY (the key between the gateway and vLLM; deploy/start generate one into .env, mode 0600,
+unless it is set; it is never printed).
 USAGE
 }
 
@@ -25,7 +27,21 @@ compose() {
   if docker compose version >/dev/null 2>&1; then docker compose "$@"; else docker-compose "$@"; fi
 }
 
+# vLLM and the gateway share VLLM_API_KEY (docker-compose.yml). Generated once into .env, which
+# compose reads itself, so the key is on no command line and survives redeploys.
+ensure_backend_key() {
+  [ -n "${VLLM_API_KEY:-}" ] && return
+  grep -qE '^VLLM_API_KEY=.+' .env 2>/dev/null && return
+  ( umask 077
+    touch .env && chmod 600 .env  # it now holds a secret, whoever created it
+    sed -i '/^VLLM_API_KEY=$/d' .env
+    [ -s .env ] && [ -n "$(tail -c1 .env)" ] && echo >> .env
+    printf 'VLLM_API_KEY=%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >> .env )
+  echo "generated VLLM_API_KEY (backend key for vLLM and the gateway) in .env"
+}
+
 prepare() {
+  ensure_backend_key
   mkdir -p data/logs models
   # the gateway runs as uid 10001 inside its container
   chown -R 10001 data 2>/dev/null || chmod -R a+rwX data

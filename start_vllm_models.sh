@@ -4,6 +4,8 @@ set -euo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/scripts/vllm_common.sh"
 
 usage() {
+  local key_state='unset: a random key is created once in $LOG_DIR/vllm_api_key (0600)'
+  [ -n "${VLLM_API_KEY:-}" ] && key_state="set (its value is never shown)"
   cat <<EOF
 Usage: ./start_vllm_models.sh [--only embedding|reranker] [--restart] [--help]
 
@@ -24,6 +26,11 @@ Environment (current value):
   MAX_MODEL_LEN                      $MAX_MODEL_LEN
   DEVICE                             $DEVICE   (auto: cuda when nvidia-smi sees a GPU, else cpu)
   VLLM_BIN                           $VLLM_BIN
+  VLLM_HOST                          $VLLM_HOST   (address vLLM listens on; not loopback -> a warning)
+  VLLM_API_KEY                       $key_state
+                                     key vLLM requires on /v1 paths; given to vLLM in its environment,
+                                     never on its command line; a gateway with the same --log-dir and
+                                     loopback backend URLs reads the file itself
   VLLM_EXTRA_ARGS, EMBEDDING_EXTRA_ARGS, RERANKER_EXTRA_ARGS   extra \`vllm serve\` arguments
   LOG_DIR                            $LOG_DIR
   HEALTH_TIMEOUT                     $HEALTH_TIMEOUT   (seconds to wait for /health)
@@ -91,6 +98,39 @@ for kind in $KINDS; do
 done
 [ -z "$TO_START" ] && exit 0
 
+# The backend key reaches vLLM through its environment (VLLM_API_KEY): on the command line it would
+# be visible to every local user in `ps`. The generated key is created once, 0600 whatever the
+# umask, and reused, so a running gateway keeps working across restarts.
+ensure_backend_key() {
+  if [ -n "${VLLM_API_KEY:-}" ]; then export VLLM_API_KEY; return; fi
+  if [ ! -e "$VLLM_KEY_FILE" ]; then
+    local tmp="$VLLM_KEY_FILE.$$"
+    ( umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$tmp"; echo >> "$tmp" )
+    # ln refuses to replace an existing file: if a concurrent start won, everyone uses its key.
+    # (mv -n for file systems without hard links.)
+    ln "$tmp" "$VLLM_KEY_FILE" 2>/dev/null || [ -e "$VLLM_KEY_FILE" ] || mv -n "$tmp" "$VLLM_KEY_FILE" || true
+    rm -f "$tmp"
+  fi
+  VLLM_API_KEY=$(known_backend_key)
+  if [ -z "$VLLM_API_KEY" ]; then
+    echo "error: cannot read a key from $VLLM_KEY_FILE (unreadable or empty); fix or delete it, or set VLLM_API_KEY" >&2
+    exit 2
+  fi
+  export VLLM_API_KEY
+}
+ensure_backend_key
+
+if ! is_loopback "$VLLM_HOST"; then
+  ports=$(for kind in $TO_START; do model_get "$kind" port; done | paste -sd, -)
+  cat >&2 <<EOF
+warning: VLLM_HOST=$VLLM_HOST: vLLM port(s) $ports are reachable from other machines.
+  vLLM's key (VLLM_API_KEY) only protects /v1 paths: /score, /rerank, /tokenize, /pooling and
+  /metrics answer anyone who can connect. Firewall the port(s) so only the gateway's host can reach
+  them, or keep VLLM_HOST=127.0.0.1 with the gateway on this machine. A gateway on another host needs
+  the key too: ER_BACKEND_API_KEY=\$(cat $VLLM_KEY_FILE) (or your VLLM_API_KEY).
+EOF
+fi
+
 ncores=$(nproc 2>/dev/null || echo 1)
 half=$(( ncores / 2 )); [ "$half" -lt 1 ] && half=1
 span() { if [ "$1" = "$2" ]; then echo "$1"; else echo "$1-$2"; fi; }
@@ -103,7 +143,7 @@ default_cores() {
 launch() {
   local kind=$1 args=() envs=()
   local port; port=$(model_get "$kind" port)
-  args=(serve "$(model_get "$kind" path)" --host "${VLLM_HOST:-0.0.0.0}" --port "$port"
+  args=(serve "$(model_get "$kind" path)" --host "$VLLM_HOST" --port "$port"
         --served-model-name "$(model_get "$kind" name)" --max-model-len "$MAX_MODEL_LEN")
   if version_ge "$VERSION" 0.10.1; then
     args+=(--runner pooling)
@@ -129,7 +169,10 @@ launch() {
   # shellcheck disable=SC2206
   args+=(${VLLM_EXTRA_ARGS:-} $(model_get "$kind" extra))
   local log; log=$(model_get "$kind" log)
-  { echo "==== $(date '+%F %T') starting: $VLLM_BIN ${args[*]}"; echo "==== env: ${envs[*]}"; } >> "$log"
+  # The key is already exported (not in envs, which would put it on env's command line); the log
+  # only records that it was given.
+  { echo "==== $(date '+%F %T') starting: $VLLM_BIN ${args[*]}"
+    echo "==== env: ${envs[*]} VLLM_API_KEY=<redacted>"; } >> "$log"
   # setsid: own session and process group, so stop can signal the whole vLLM tree.
   env "${envs[@]}" setsid "$VLLM_BIN" "${args[@]}" >> "$log" 2>&1 < /dev/null &
   echo $! > "$(model_get "$kind" pidfile)"
@@ -144,7 +187,7 @@ while [ -n "${pending// /}" ]; do
   next=""
   for kind in $pending; do
     pid=$(pid_from_file "$(model_get "$kind" pidfile)"); port=$(model_get "$kind" port)
-    if [ "$(http_code "http://127.0.0.1:$port/health")" = 200 ]; then
+    if [ "$(http_code "http://$PROBE_HOST:$port/health")" = 200 ]; then
       echo "$kind model healthy on port $port after $(( $(date +%s) - start )) s"
     elif ! pid_alive "$pid"; then
       echo "error: $kind model exited before becoming healthy; last 30 lines of $(model_get "$kind" log):" >&2

@@ -2,12 +2,24 @@
 """Reproducible gateway benchmark: direct vs through the gateway (vs LiteLLM, optionally).
 
     .venv/bin/python bench/run_bench.py [--duration 10] [--litellm] [--soak 300] [--workers 2]
+    .venv/bin/python bench/run_bench.py --clients home,aiohttp,aiosonic,pyreqwest [--rounds 3]
+
+--clients compares upstream HTTP clients instead (README, "Upstream HTTP client"): one gateway per
+client (bench/gateway_with_client.py, adapters in bench/clients.py), all with the same defaults and
+pinning, measured in interleaved rounds at c=64 (--conns to change), median round reported with
+its ratio to `home` (httpclient.py); each client's answer must equal the first client's (bar the
+rerank "id" the gateway makes up), else the row says WRONG ANSWER.
+The libraries: .venv/bin/pip install -e '.[bench]'   (aiohttp, aiosonic, pyreqwest; newest)
 
 A static nginx (Debian's) serves vLLM-shaped answers; the gateway runs with its default features
 (auth, a per-key limit set high, metrics, access log) pinned to core 0; nginx and wrk share core 1.
 Scenarios: small embeddings (1 input, base64 ~5.6 KB), large embeddings (8x1024 floats ~77 KB),
 rerank (query + 8 documents, gateway prompt mode), each at 1 and 64 connections.
 Prints rps, p50, p99 and the latency the gateway adds (p50 through it minus p50 direct).
+The anchor, "(nginx proxy)": a second nginx (one worker, pinned to core 0 like the gateway) as a
+keep-alive reverse proxy to the same backend, i.e. what a thin proxy costs. This machine's figures
+move between runs, so compare same-run ratios: "vs proxy" is gateway rps / proxy rps, then the
+gateway's p50 minus the proxy's (with --clients: each client's rps / proxy rps).
 """
 
 from __future__ import annotations
@@ -159,8 +171,8 @@ def rss_kb(pid: int) -> int:
 
 
 def start_gateway(work: Path, ports: dict[str, int], scenario_root: str, workers: int,
-                  redis_url: str | None) -> tuple[subprocess.Popen[bytes], str, str]:
-    gdir = Path(tempfile.mkdtemp(prefix=f"gw-{scenario_root}-{workers}-", dir=work))
+                  redis_url: str | None, client: str | None = None) -> tuple[subprocess.Popen[bytes], str, str]:
+    gdir = Path(tempfile.mkdtemp(prefix=f"gw-{scenario_root}-{workers}-{client or ''}-", dir=work))
     keys = gdir / "keys.json"
     key = subprocess.run([PY, str(ROOT / "embedding_reranker_proxy.py"), "keys", "--keys-file", str(keys), "create",
                           "--name", "bench", "--rate-limit", "100000000/minute"], capture_output=True, text=True,
@@ -169,7 +181,9 @@ def start_gateway(work: Path, ports: dict[str, int], scenario_root: str, workers
     backend = f"http://127.0.0.1:{ports[scenario_root]}"
     # one worker: core 0 alone; more workers: every core (shared with nginx and wrk on core 1)
     cores = "0" if workers == 1 else f"0-{os.cpu_count() - 1}"
-    cmd = ["taskset", "-c", cores, PY, str(ROOT / "embedding_reranker_proxy.py"), "--host", "127.0.0.1",
+    entry = [str(ROOT / "bench" / "gateway_with_client.py"), client] if client else [
+        str(ROOT / "embedding_reranker_proxy.py")]
+    cmd = ["taskset", "-c", cores, PY, *entry, "--host", "127.0.0.1",
            "--port", str(port), "--keys-file", str(keys), "--log-dir", str(gdir / "logs"),
            "--embedding-url", backend, "--reranker-url", backend, "--workers", str(workers)]
     if redis_url:
@@ -189,6 +203,124 @@ def stop(p: subprocess.Popen[bytes]) -> None:
         p.wait(15)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         os.killpg(p.pid, signal.SIGKILL)
+
+
+def start_proxy(work: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    """The anchor: nginx as a keep-alive reverse proxy to each backend, pinned to core 0 like the gateway."""
+    pdir = work / "proxy"
+    pdir.mkdir()
+    proxy_ports = {name: free_port() for name in ports}
+    servers = "".join(f"""
+    upstream {name} {{ server 127.0.0.1:{ports[name]}; keepalive 128; keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{proxy_ports[name]} backlog=4096;
+        keepalive_requests 1000000;
+        location / {{ proxy_pass http://{name}; }}
+    }}""" for name in ports)
+    (pdir / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {pdir}/nginx.pid;
+error_log {pdir}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_buffers 32 8k;  # the 86 KB answer stays in memory, as in the gateway
+    {servers}
+}}
+""")
+    p = subprocess.Popen(["taskset", "-c", "0", shutil.which("nginx") or "/usr/sbin/nginx", "-c",
+                          str(pdir / "nginx.conf"), "-p", str(pdir)], start_new_session=True)
+    try:
+        for port in proxy_ports.values():
+            wait_http(f"http://127.0.0.1:{port}/health")
+    except TimeoutError:
+        stop(p)
+        raise SystemExit(f"nginx proxy did not start; see {pdir / 'nginx-error.log'}") from None
+    return p, proxy_ports
+
+
+def client_versions(clients: list[str]) -> dict[str, str]:
+    sys.path.insert(0, str(ROOT))
+    from bench.clients import versions
+
+    version = versions()
+    missing = [c for c in clients if version.get(c, "not installed") == "not installed"]
+    if missing:
+        sys.exit(f"unknown or not installed: {', '.join(missing)} (.venv/bin/pip install -e '.[bench]')")
+    return version
+
+
+def compare_clients(clients: list[str], scenarios: list[str], conns: list[int], rounds: int, duration: int,
+                    work: Path, ports: dict[str, int], proxy_ports: dict[str, int], results: list[dict]) -> None:
+    version = client_versions(clients)
+    print("clients: " + ", ".join(f"{c} {version[c]}" for c in clients))
+    print(f"{'scenario':<18} {'c':>3} {'client':<13} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs home':>8}"
+          f" {'vs proxy':>8}")
+    for name in scenarios:
+        root, direct_path, gw_path, body = SCENARIOS[name]
+        gws: dict[str, tuple[subprocess.Popen[bytes], str, str]] = {}
+        try:
+            # All gateways up at once, idle but for health checks while another one is measured.
+            for cl in clients:
+                gws[cl] = start_gateway(work, ports, root, 1, None, cl)
+            wrong = {}
+            answers = {}
+            for cl, (_, url, key) in gws.items():
+                r = httpx.post(url + gw_path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+                answers[cl] = comparable(r.content) if r.status_code == 200 else None
+                if answers[cl] is None or answers[cl] != answers[clients[0]]:
+                    wrong[cl] = f"WRONG ANSWER: HTTP {r.status_code} {r.content[:120]!r}"
+            for c in conns:
+                d = wrk(f"http://127.0.0.1:{ports[root]}{direct_path}", direct_body(name, body), None, c,
+                        duration, work)
+                px = wrk(f"http://127.0.0.1:{proxy_ports[root]}{direct_path}", direct_body(name, body), None, c,
+                         duration, work)
+                for label, path, r in (("(direct)", "direct", d), ("(nginx proxy)", "nginx-proxy", px)):
+                    print(f"{name:<18} {c:>3} {label:<13} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f}"
+                          + (f"  non-2xx {r['non2xx']}" if r["non2xx"] else ""))
+                    results.append({"scenario": name, "conns": c, "path": path, **r})
+                runs: dict[str, list[dict]] = {cl: [] for cl in clients}
+                for _ in range(rounds):  # interleaved, so drift in the machine's load hits every client alike
+                    for cl in clients:
+                        _, url, key = gws[cl]
+                        wrk(url + gw_path, body, key, c, 2, work)  # warm-up (pools refilled after idling)
+                        runs[cl].append(wrk(url + gw_path, body, key, c, duration, work))
+                median = {cl: sorted(rs, key=lambda r: r["rps"])[len(rs) // 2] for cl, rs in runs.items()}
+                for cl in clients:
+                    m = median[cl]
+                    ratio = f"{m['rps'] / median['home']['rps']:.2f}x" if median.get("home", {}).get("rps") else ""
+                    note = "  ".join(filter(None, [
+                        wrong.get(cl, ""), f"non-2xx {m['non2xx']}" if m["non2xx"] else "",
+                        f"socket errors {m['socket_errors']}" if m["socket_errors"] else "",
+                        "rounds " + "/".join(f"{r['rps']:.0f}" for r in runs[cl]) if rounds > 1 else ""]))
+                    vs_proxy = f"{m['rps'] / px['rps']:.2f}x" if px["rps"] else ""
+                    print(f"{'':<18} {c:>3} {cl:<13} {m['rps']:>9.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} {ratio:>8}"
+                          f" {vs_proxy:>8}  {note}")
+                    results.append({"scenario": name, "conns": c, "path": "gateway", "client": cl,
+                                    "version": version[cl], "correct": cl not in wrong, **m, "rounds": runs[cl]})
+        finally:
+            for p, _, _ in gws.values():
+                stop(p)
+
+
+def comparable(answer: bytes) -> object:
+    """The answer without what the gateway makes up per request (the rerank "id")."""
+    try:
+        d = json.loads(answer)
+    except ValueError:
+        return answer
+    if isinstance(d, dict):
+        d.pop("id", None)
+    return d
+
+
+def direct_body(name: str, body: dict) -> dict:
+    if name == "rerank":  # vLLM's /score takes text_1/text_2; the gateway builds them from query/documents
+        return {"model": body["model"], "text_1": body["query"], "text_2": body["documents"]}
+    return body
 
 
 def start_litellm(work: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[bytes], str, str]:
@@ -219,7 +351,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
-    ap.add_argument("--conns", default="1,64")
+    ap.add_argument("--conns", help="comma-separated connection counts (default 1,64; with --clients 64)")
+    ap.add_argument("--clients", help="compare upstream clients instead, e.g. home,aiohttp,aiosonic,pyreqwest")
+    ap.add_argument("--rounds", type=int, default=1, help="with --clients: interleaved rounds, median reported")
     ap.add_argument("--litellm", action="store_true", help="also measure LiteLLM 1.100.5 (small embeddings)")
     ap.add_argument("--soak", type=int, default=0, help="seconds of full load on small embeddings, RSS sampled")
     ap.add_argument("--workers", type=int, default=0, help="also measure --workers N with Redis (small, c=64)")
@@ -228,33 +362,47 @@ def main() -> None:
     for tool in ("nginx", "wrk", "taskset"):
         if not shutil.which(tool) and not Path("/usr/sbin/nginx").exists():
             sys.exit(f"{tool} is missing: apt-get install nginx-light wrk util-linux")
+    if args.clients:
+        client_versions(args.clients.split(","))  # fail before starting anything
     work = Path(tempfile.mkdtemp(prefix="er-bench-"))
     work.chmod(0o755)  # nginx workers run as an unprivileged user
     ports = write_backend(work)
     nginx = subprocess.Popen(["taskset", "-c", "1", shutil.which("nginx") or "/usr/sbin/nginx", "-c",
                               str(work / "nginx.conf"), "-p", str(work)], start_new_session=True)
     results: list[dict] = []
+    proxy = None
     try:
         for port in ports.values():
             wait_http(f"http://127.0.0.1:{port}/health")
-        conns = [int(c) for c in args.conns.split(",")]
-        print(f"{'scenario':<18} {'c':>3} {'path':<9} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10}")
-        for name in filter(None, args.scenarios.split(",")):
+        proxy, proxy_ports = start_proxy(work, ports)
+        conns = [int(c) for c in (args.conns or ("64" if args.clients else "1,64")).split(",")]
+        scenarios = list(filter(None, args.scenarios.split(",")))
+        if args.clients:
+            compare_clients(args.clients.split(","), scenarios, conns, args.rounds, args.duration, work, ports,
+                            proxy_ports, results)
+            scenarios = []  # the clients replace the usual direct-vs-gateway table
+        else:
+            print(f"{'scenario':<18} {'c':>3} {'path':<13} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10}"
+                  f" {'vs proxy':>8} {'p50 vs proxy':>12}")
+        for name in scenarios:
             root, direct_path, gw_path, body = SCENARIOS[name]
             gw, gw_url, key = start_gateway(work, ports, root, 1, None)
-            direct_body = body
-            if name == "rerank":
-                direct_body = {"model": body["model"], "text_1": body["query"], "text_2": body["documents"]}
             try:
                 for c in conns:
                     wrk(gw_url + gw_path, body, key, c, 2, work)  # warm-up
-                    d = wrk(f"http://127.0.0.1:{ports[root]}{direct_path}", direct_body, None, c, args.duration, work)
-                    g = wrk(gw_url + gw_path, body, key, c, args.duration, work)
-                    for label, r in (("direct", d), ("gateway", g)):
-                        added = "" if label == "direct" else f"{g['p50'] - d['p50']:+.3f} ms"
-                        print(f"{name:<18} {c:>3} {label:<9} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} "
-                              f"{added:>10}" + (f"  non-2xx {r['non2xx']}" if r["non2xx"] else ""))
-                        results.append({"scenario": name, "conns": c, "path": label, **r})
+                    d = wrk(f"http://127.0.0.1:{ports[root]}{direct_path}", direct_body(name, body), None, c,
+                            args.duration, work)
+                    px = wrk(f"http://127.0.0.1:{proxy_ports[root]}{direct_path}", direct_body(name, body), None, c,
+                             args.duration, work)
+                    g = wrk(gw_url + gw_path, body, key, c, args.duration, work)  # last: --soak reuses its post.lua
+                    for label, path, r in (("direct", "direct", d), ("(nginx proxy)", "nginx-proxy", px),
+                                           ("gateway", "gateway", g)):
+                        added = "" if path == "direct" else f"{r['p50'] - d['p50']:+.3f} ms"
+                        vs = (f"{g['rps'] / px['rps']:>7.2f}x {g['p50'] - px['p50']:>+9.3f} ms"
+                              if path == "gateway" and px["rps"] else "")
+                        print(f"{name:<18} {c:>3} {label:<13} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} "
+                              f"{added:>10} {vs}" + (f"  non-2xx {r['non2xx']}" if r["non2xx"] else ""))
+                        results.append({"scenario": name, "conns": c, "path": path, **r})
                 if args.soak and name == "small-embeddings":
                     samples = []
                     t_end = time.monotonic() + args.soak
@@ -294,11 +442,13 @@ def main() -> None:
                 _, _, _, body = SCENARIOS["small-embeddings"]
                 for c in conns:
                     r = wrk(ll_url + "/v1/embeddings", body, ll_key, c, args.duration, work)
-                    print(f"{'litellm small':<18} {c:>3} {'litellm':<9} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f}")
+                    print(f"{'litellm small':<18} {c:>3} {'litellm':<13} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f}")
                     results.append({"scenario": "small-embeddings", "conns": c, "path": "litellm", **r})
             finally:
                 stop(ll)
     finally:
+        if proxy:
+            stop(proxy)
         stop(nginx)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -139,6 +139,13 @@ class Gateway:
         if not key.admin:
             raise GatewayError(403, f"key {key.name!r} is not an admin key")
 
+    def is_admin(self, request: Request) -> bool:
+        """Whether the request carries a valid admin key (for pages that are public otherwise)."""
+        try:
+            return self.keys.authenticate(api_key_of(request)).admin
+        except GatewayError:
+            return False
+
     def resolve(self, name: str | None, kind: Kind, key: ApiKey) -> Pool:
         if name is None:
             model = self.settings.default_model(kind)
@@ -200,12 +207,13 @@ class Gateway:
             ]
         }
 
-    def health(self) -> tuple[int, dict[str, Any]]:
+    def health(self, *, admin: bool = False) -> tuple[int, dict[str, Any]]:
+        """Readiness per model and replica; replica URLs only for an admin key."""
         models: dict[str, Any] = {}
         up_by_kind: dict[str, bool] = {}
         all_up = True
         for name, pool in self.upstreams.pools.items():
-            states = [r.state() for r in pool.replicas]
+            states = [r.state(i, with_url=admin) for i, r in enumerate(pool.replicas)]
             models[name] = {"kind": pool.model.kind, "replicas": states}
             up = any(s["healthy"] for s in states)
             up_by_kind[pool.model.kind] = up_by_kind.get(pool.model.kind, False) or up
@@ -214,9 +222,9 @@ class Gateway:
         status = "healthy" if loaded and all_up else "degraded" if loaded else "unhealthy"
         return (200 if loaded else 503), {"status": status, "model_loaded": loaded, "models": models}
 
-    def status_snapshot(self) -> dict[str, Any]:
+    def status_snapshot(self, *, admin: bool = False) -> dict[str, Any]:
         """Everything the /status page shows: health plus the last minute of traffic."""
-        _, health = self.health()
+        _, health = self.health(admin=admin)
         traffic = self.recent.summary()
         for name, entry in health["models"].items():
             entry["traffic"] = traffic.get(name)
@@ -238,9 +246,9 @@ class Gateway:
         m.waiting.set(self.gate.waiting)
         now = time.monotonic()
         for name, pool in self.upstreams.pools.items():
-            for r in pool.replicas:
-                m.replica_healthy.labels(name, r.url).set(1 if r.healthy and now >= r.ejected_until else 0)
-                m.replica_outstanding.labels(name, r.url).set(r.outstanding)
+            for i, r in enumerate(pool.replicas):
+                m.replica_healthy.labels(name, str(i)).set(1 if r.healthy and now >= r.ejected_until else 0)
+                m.replica_outstanding.labels(name, str(i)).set(r.outstanding)
 
 
 def api_key_of(request: Request) -> str | None:

@@ -29,10 +29,14 @@ def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
-def require_key_if(required: bool, gw: Gateway, request: Request) -> None:
-    """Operational pages are public unless configured otherwise (--metrics-auth, --status-auth)."""
+def require_key_if(required: bool, gw: Gateway, request: Request) -> bool:
+    """Operational pages are public unless configured otherwise (--metrics-auth, --status-auth).
+
+    Returns whether the caller holds an admin key: only then do pages show replica URLs.
+    """
     if required:
-        gw.keys.authenticate(api_key_of(request))
+        return gw.keys.authenticate(api_key_of(request)).admin
+    return gw.is_admin(request)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -220,7 +224,8 @@ async def reload_model(request: Request) -> Response:
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    status, body = gateway_of(request).health()
+    gw = gateway_of(request)
+    status, body = gw.health(admin=gw.is_admin(request))
     return json_response(body, status=status)
 
 
@@ -242,5 +247,5 @@ async def status_page(request: Request) -> Response:
 @router.get("/status.json")
 async def status_json(request: Request) -> Response:
     gw = gateway_of(request)
-    require_key_if(gw.settings.status_auth, gw, request)
-    return json_response(gw.status_snapshot())
+    admin = require_key_if(gw.settings.status_auth, gw, request)
+    return json_response(gw.status_snapshot(admin=admin))

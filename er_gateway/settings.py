@@ -8,16 +8,19 @@ from that table, so they cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+BACKEND_KEY_FILE = "vllm_api_key"  # in the log directory, written by start_vllm_models.sh
 
 Kind = Literal["embedding", "rerank"]
 PromptMode = Literal["gateway", "server", "none"]
@@ -48,6 +51,13 @@ class ModelConfig(BaseModel):
     def _split_urls(cls, v: Any) -> Any:
         return split_urls(v) if isinstance(v, str) else [str(u).strip().rstrip("/") for u in v]
 
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, v: list[str]) -> list[str]:
+        for u in v:
+            check_backend_url(u)
+        return v
+
     @property
     def backend_name(self) -> str:
         return self.served_name or self.name
@@ -76,6 +86,9 @@ class Settings(BaseModel):
     timeout: float = Field(600.0, gt=0)
     connect_timeout: float = Field(5.0, gt=0)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # The largest legitimate answer: 2,048 inputs x 4,096 floats, at most 24 bytes each as JSON
+    # (192 MiB), with headroom. Above it the answer is refused (502) instead of buffered.
+    max_upstream_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     max_retries: int = Field(2, ge=0)
     health_interval: float = Field(5.0, gt=0)
     health_timeout: float = Field(2.0, gt=0)
@@ -99,6 +112,13 @@ class Settings(BaseModel):
     @classmethod
     def _split(cls, v: Any) -> Any:
         return split_urls(v) if isinstance(v, str) else [str(u).strip().rstrip("/") for u in v]
+
+    @field_validator("embedding_urls", "reranker_urls")
+    @classmethod
+    def _check(cls, v: list[str]) -> list[str]:
+        for u in v:
+            check_backend_url(u)
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -145,6 +165,22 @@ def split_urls(value: str) -> list[str]:
     return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
 
 
+def check_backend_url(url: str) -> None:
+    """Refuse a backend URL the gateway cannot use safely, with what to do instead.
+
+    Credentials in a URL would show wherever the URL does (logs, admin pages) and would not
+    be sent, so they are refused rather than silently dropped: vLLM takes a Bearer key.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"backend URL must be http(s)://host[:port][/prefix], got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "backend URLs must not carry user:password; give vLLM's key with --backend-api-key "
+            "(ER_BACKEND_API_KEY) instead"
+        )
+
+
 @dataclass(frozen=True)
 class Option:
     field: str
@@ -172,7 +208,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("reranker_model", "name of the default reranker model", "NAME"),
     Option("reranker_prompt", "who applies the Qwen3-Reranker prompt: gateway | server | none", "MODE"),
     Option("default_instruction", "instruction used when a request gives none", "TEXT"),
-    Option("backend_api_key", "key sent upstream as Bearer (vLLM --api-key); clients' keys never are", "KEY"),
+    Option("backend_api_key", "key sent upstream as Bearer (vLLM's VLLM_API_KEY); clients' keys never are. "
+           f"Unset: read from LOG_DIR/{BACKEND_KEY_FILE} (start_vllm_models.sh writes it) when every "
+           "backend URL is loopback", "KEY"),
     Option("keys_file", "API keys file (hashed keys)", "PATH"),
     Option("rate_limit", "default per-key request limit, e.g. 100/minute", "SPEC"),
     Option("token_limit", "default per-key token budget, e.g. 100000/minute (off when unset)", "SPEC"),
@@ -183,6 +221,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout", "total upstream timeout in seconds (504 after)", "S"),
     Option("connect_timeout", "upstream connect timeout in seconds", "S"),
     Option("max_body_bytes", "largest request body accepted (413 above)", "N"),
+    Option("max_upstream_bytes", "largest answer body accepted from vLLM (502 above)", "N"),
     Option("max_retries", "retries on another replica after a connect error or a 503", "N"),
     Option("health_interval", "seconds between active health checks of each replica", "S"),
     Option("health_timeout", "timeout of one health check in seconds", "S"),
@@ -239,13 +278,55 @@ def load_settings(cli: dict[str, Any] | None = None, environ: dict[str, str] | N
         if o.kind == "bool" and isinstance(merged.get(o.field), str):
             merged[o.field] = merged[o.field].strip().lower() in ("1", "true", "yes", "on")
     try:
-        return Settings.model_validate(merged)
+        settings = Settings.model_validate(merged)
     except ValidationError as e:
         problems = []
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"]) or "settings"
             problems.append(f"{where}: {err['msg']}")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+    if settings.backend_api_key is None:
+        settings.backend_api_key = local_backend_key(settings)
+    return settings
+
+
+def local_backend_key(settings: Settings) -> str | None:
+    """The key start_vllm_models.sh gave the vLLM servers on this machine, if it applies here.
+
+    The start script protects vLLM's /v1 routes with a random key it keeps in
+    LOG_DIR/vllm_api_key (0600); reading it here lets `./start_vllm_models.sh` followed by
+    `scripts/run.sh` work without copying a secret around. Only when every backend URL is
+    loopback: the file belongs to servers on this machine, and sending it elsewhere would hand
+    the secret to another host. A file that exists but cannot be read is an error rather than
+    a silent "no key", which would surface later as every request failing with 401.
+    """
+    urls = [u for m in settings.models for u in m.urls]
+    if not urls or not all(is_loopback_url(u) for u in urls):
+        return None
+    path = Path(settings.log_dir) / BACKEND_KEY_FILE
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(
+            f"cannot read the vLLM key {path} ({getattr(e, 'strerror', None) or e}); run the gateway as "
+            "the user that ran start_vllm_models.sh, or pass --backend-api-key"
+        ) from None
+    if not key:
+        raise SettingsError(f"the vLLM key file {path} is empty; delete it and restart vLLM, "
+                            "or pass --backend-api-key")
+    return key
+
+
+def is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -42,7 +42,7 @@ async function refresh(){
               `<td class="num">${t.error_rate!=null?(t.error_rate*100).toFixed(2)+" %":"-"}</td><td class="num">${esc(t.rate_limited??0)}</td></tr></table>`;
       html += `<table><tr><th>replica</th><th>health</th><th>latency ms</th><th>in flight</th><th>requests</th><th>last error</th></tr>`;
       for (const rep of m.replicas){
-        html += `<tr><td>${esc(rep.url)}</td><td class="${rep.healthy?"ok":"bad"}">${rep.healthy?"up":"down"}</td>`+
+        html += `<tr><td>${esc(rep.url ?? ("replica " + rep.replica))}</td><td class="${rep.healthy?"ok":"bad"}">${rep.healthy?"up":"down"}</td>`+
                 `<td class="num">${esc(rep.latency_ms)}</td><td class="num">${esc(rep.outstanding)}</td>`+
                 `<td class="num">${esc(rep.requests)}</td><td>${esc(rep.last_error)}</td></tr>`;
       }

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import GatewayError, parse_backend_error
-from .httpclient import ConnectError, DisconnectError, HTTPPool, ProtocolError, UpstreamError
+from .httpclient import ConnectError, DisconnectError, HTTPPool, ProtocolError, TooLargeError, UpstreamError
 from .settings import ModelConfig, Settings
 
 log = logging.getLogger("er_gateway.upstream")
@@ -35,9 +35,10 @@ class Replica:
     latency_ms: float | None = None
     requests: int = 0
 
-    def state(self) -> dict[str, object]:
+    def state(self, index: int, *, with_url: bool = False) -> dict[str, object]:
         return {
-            "url": self.url,
+            "replica": index,
+            **({"url": self.url} if with_url else {}),
             "healthy": self.healthy and time.monotonic() >= self.ejected_until,
             "last_error": self.last_error,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
@@ -50,7 +51,7 @@ class Replica:
 class UpstreamResult:
     body: bytes
     status: int
-    replica: str
+    replica: str  # URL, for the operator's access log
     upstream_ms: float
     retries: int = 0
 
@@ -106,25 +107,27 @@ class Pool:
             start = time.perf_counter()
             # Failures another replica may not have (connect errors, broken connections, 503)
             # are retried there; everything else is final.
+            who = self.describe(replica)
             try:
                 resp = await replica.client.request("POST", path, body, headers)
             except ConnectError as e:
                 self._fail(replica, "connect", f"cannot connect: {e}", down=True)
-                last = GatewayError(503, f"backend {replica.url} refused the connection",
-                                    headers={"Retry-After": "1"})
+                last = GatewayError(503, f"{who} refused the connection", headers={"Retry-After": "1"})
             except TimeoutError:
                 self._fail(replica, "timeout", "timed out")
-                raise GatewayError(
-                    504, f"backend {replica.url} did not answer within {self.settings.timeout:g} s"
-                ) from None
+                raise GatewayError(504, f"{who} did not answer within {self.settings.timeout:g} s") from None
             except DisconnectError as e:
                 # The connection broke mid-request (replica killed, keep-alive dropped). Embedding
                 # and scoring are idempotent, so trying another replica is safe.
                 self._fail(replica, "disconnect", str(e))
-                last = GatewayError(502, f"backend {replica.url} closed the connection")
+                last = GatewayError(502, f"{who} closed the connection before answering in full")
+            except TooLargeError as e:
+                self._fail(replica, "too_large", str(e))
+                raise GatewayError(502, f"{who} sent an answer over the gateway's limit: {e} "
+                                        "(--max-upstream-bytes)") from None
             except ProtocolError as e:
                 self._fail(replica, "protocol", str(e))
-                raise GatewayError(502, f"bad answer from backend {replica.url}: {e}") from None
+                raise GatewayError(502, f"bad answer from {who}: {e}") from None
             else:
                 answer = self._answer(replica, resp.status, resp.body, (time.perf_counter() - start) * 1000, retries)
                 if isinstance(answer, UpstreamResult):
@@ -138,10 +141,19 @@ class Pool:
     def _answer(
         self, replica: Replica, status: int, body: bytes, elapsed_ms: float, retries: int
     ) -> UpstreamResult | GatewayError:
-        """A 2xx result, or a 503 worth retrying elsewhere; other statuses raise per SPEC.md."""
-        if status < 400:
+        """A 2xx result, or a 503 worth retrying elsewhere; other statuses raise."""
+        if 200 <= status < 300:
             replica.latency_ms = elapsed_ms
             return UpstreamResult(body, status, replica.url, elapsed_ms, retries)
+        if status < 400:
+            # vLLM never redirects; following one would send the request somewhere unvetted.
+            self._fail(replica, f"http_{status}", "unexpected redirect")
+            raise GatewayError(502, f"{self.describe(replica)} answered with an unexpected {status}")
+        if status == 401:
+            # vLLM's own key check: the gateway's configuration is wrong, not the client's key.
+            self._fail(replica, "http_401", "backend key rejected")
+            raise GatewayError(502, f"{self.describe(replica)} rejected the gateway's backend key "
+                                    "(--backend-api-key / ER_BACKEND_API_KEY)")
         message, param = parse_backend_error(body)
         if status == 503:
             self._fail(replica, "http_503", message)
@@ -151,13 +163,21 @@ class Pool:
             raise GatewayError(502, f"backend error ({status}): {message}")
         raise GatewayError(status, message, param=param)
 
+    def describe(self, replica: Replica) -> str:
+        """How client-facing messages name a replica: model and index, never an address.
+
+        Clients and public pages name a replica by its position in its model's list: internal
+        hosts and ports are the operator's business (logs and admin views show URLs).
+        """
+        return f"backend replica {self.replicas.index(replica)} of model {self.model.name!r}"
+
     def _fail(self, replica: Replica, kind: str, message: str, *, down: bool = False) -> None:
         replica.last_error = f"{kind}: {message}"
         replica.ejected_until = time.monotonic() + self.settings.eject_cooldown
         if down:
             replica.healthy = False
         if self.on_error is not None:
-            self.on_error(self.model.name, replica.url, kind)  # type: ignore[operator]
+            self.on_error(self.model.name, str(self.replicas.index(replica)), kind)  # type: ignore[operator]
         log.warning("replica %s of %s failed (%s): %s", replica.url, self.model.name, kind, message)
 
 
@@ -179,7 +199,8 @@ class Upstreams:
             if s.backend_api_key:
                 headers["Authorization"] = f"Bearer {s.backend_api_key}"
             client = self.clients[url] = HTTPPool(
-                url, connect_timeout=s.connect_timeout, timeout=s.timeout, headers=headers
+                url, connect_timeout=s.connect_timeout, timeout=s.timeout, headers=headers,
+                max_body=s.max_upstream_bytes,
             )
         return client
 

@@ -18,7 +18,14 @@ RERANKER_GPU_MEMORY_UTILIZATION=${RERANKER_GPU_MEMORY_UTILIZATION:-${GPU_MEMORY_
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-8192}
 DEVICE=${DEVICE:-auto}
 VLLM_BIN=${VLLM_BIN:-vllm}
+# Loopback by default: only the gateway on this machine should reach vLLM (README "Backend security").
+VLLM_HOST=${VLLM_HOST:-127.0.0.1}
+# Where this machine's scripts reach vLLM: a wildcard bind answers on loopback, a specific address
+# only on itself.
+case "$VLLM_HOST" in 0.0.0.0|::|"[::]") PROBE_HOST=127.0.0.1;; *:*) PROBE_HOST="[$VLLM_HOST]";; *) PROBE_HOST=$VLLM_HOST;; esac
 LOG_DIR=${LOG_DIR:-$ER_ROOT/logs}
+# Where start_vllm_models.sh keeps the generated backend key; the gateway's --log-dir/vllm_api_key.
+VLLM_KEY_FILE=$LOG_DIR/vllm_api_key
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-600}
 STOP_TIMEOUT=${STOP_TIMEOUT:-30}
 RERANKER_PROMPT=${RERANKER_PROMPT:-gateway}
@@ -56,7 +63,25 @@ parse_only() {
 
 pid_from_file() { [ -f "$1" ] && tr -dc '0-9' < "$1" || true; }
 pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/${PROBE_HOST//[\[\]]/}/$1") 2>/dev/null; }
 http_code() { curl -s -o /dev/null -m "${2:-3}" -w '%{http_code}' "$1" 2>/dev/null || true; }
+
+# The backend key, or nothing: VLLM_API_KEY from the environment, else the key file if readable.
+# Never prints it anywhere but stdout of this function (for $(...)).
+known_backend_key() {
+  if [ -n "${VLLM_API_KEY:-}" ]; then printf '%s' "$VLLM_API_KEY"
+  elif [ -r "$VLLM_KEY_FILE" ]; then head -n1 "$VLLM_KEY_FILE" | tr -d '[:space:]'
+  fi
+}
+
+# curl a vLLM URL with the backend key. The header comes from a process substitution (printf is a
+# builtin), so the key never appears on curl's command line, where `ps` would show it.
+vllm_curl() {
+  local key; key=$(known_backend_key)
+  if [ -n "$key" ]; then curl -s -m 3 -H @<(printf 'Authorization: Bearer %s\n' "$key") "$@" 2>/dev/null
+  else curl -s -m 3 "$@" 2>/dev/null; fi
+}
+
+is_loopback() { case "$1" in 127.*|localhost|::1|"[::1]") return 0;; *) return 1;; esac; }
 
 if [ -t 1 ]; then C_OK=$'\e[32m'; C_BAD=$'\e[31m'; C_DIM=$'\e[2m'; C_OFF=$'\e[0m'; else C_OK=; C_BAD=; C_DIM=; C_OFF=; fi

@@ -6,6 +6,12 @@ Faults vLLM cannot be made to produce on demand are switched on with
 POST /_admin (delay, 500, 503, garbage, flat pre-0.10.1 errors, hang,
 drop the connection). GET /_stats reports concurrency and the last headers.
 
+With a key (VLLM_API_KEY in the environment, or --api-key) it guards exactly
+what vLLM 0.32's AuthenticationMiddleware guards and no more: paths starting
+with /v1, /v2, /inference or /cohere answer 401 {"error": "Unauthorized"}
+without the bearer key, while /score, /rerank, /tokenize, /detokenize and
+/health stay open.
+
     python tests/fake_vllm.py --port 8000 --kind embedding --name Qwen3-Embedding-0.6B
 """
 
@@ -16,6 +22,8 @@ import asyncio
 import base64
 import hashlib
 import math
+import os
+import secrets
 import struct
 import time
 from typing import Any
@@ -203,6 +211,18 @@ class Fake:
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
+    async def rerank(self, data: dict[str, Any]) -> web.Response:
+        # vLLM's Jina-style route; the gateway uses /score, but this one is open without a key.
+        if (bad := self.check_model(data)) is not None:
+            return bad
+        query, docs = str(data.get("query", "")), [str(d) for d in data.get("documents", [])]
+        scored = sorted(((i, pair_score(query, d)) for i, d in enumerate(docs)), key=lambda x: -x[1])
+        top_n = int(data.get("top_n") or len(docs))
+        results = [{"index": i, "document": {"text": docs[i]}, "relevance_score": sc} for i, sc in scored[:top_n]]
+        tokens = sum(count_tokens(query) + count_tokens(d) for d in docs)
+        return web.json_response({"id": f"rerank-{self.requests}", "model": self.name,
+                                  "usage": {"total_tokens": tokens}, "results": results})
+
     async def tokenize(self, data: dict[str, Any]) -> web.Response:
         words = str(data.get("prompt", "")).split(" ")
         # one "token" per word; ids index a per-process table so detokenize can invert them
@@ -218,9 +238,29 @@ class Fake:
 
 VOCAB: dict[str, int] = {}
 
+# vLLM 0.32's GUARDED_PREFIX, matched with a plain startswith as vLLM does.
+GUARDED_PREFIX = ("/v1", "/v2", "/inference", "/cohere")
 
-def make_app(fake: Fake) -> web.Application:
-    app = web.Application(client_max_size=256 * 1024 * 1024)
+
+def auth_middleware(key: str) -> Any:
+    """vLLM's AuthenticationMiddleware: a bearer key on the guarded prefixes only."""
+    want = hashlib.sha256(key.encode()).digest()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method != "OPTIONS" and request.path.startswith(GUARDED_PREFIX):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            got = hashlib.sha256(token.encode()).digest()
+            if scheme.lower() != "bearer" or not secrets.compare_digest(got, want):
+                return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    return check
+
+
+def make_app(fake: Fake, api_key: str | None = None) -> web.Application:
+    app = web.Application(client_max_size=256 * 1024 * 1024,
+                          middlewares=[auth_middleware(api_key)] if api_key else [])
 
     def wrap(handler: Any) -> Any:
         async def route(request: web.Request) -> web.StreamResponse:
@@ -263,6 +303,8 @@ def make_app(fake: Fake) -> web.Application:
     app.router.add_post("/v1/embeddings", wrap(fake.embeddings))
     app.router.add_post("/score", wrap(fake.score))
     app.router.add_post("/v1/score", wrap(fake.score))
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.router.add_post(path, wrap(fake.rerank))
     app.router.add_post("/tokenize", wrap(fake.tokenize))
     app.router.add_post("/detokenize", wrap(fake.detokenize))
     return app
@@ -279,8 +321,10 @@ def main() -> None:
     p.add_argument("--matryoshka", action="store_true")
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--flat-errors", action="store_true", help="answer errors like vLLM < 0.10.1")
+    p.add_argument("--api-key", help="like vLLM: require this bearer key on /v1 (default: $VLLM_API_KEY)")
     args = p.parse_args()
-    web.run_app(make_app(Fake(args)), host=args.host, port=args.port, print=None,
+    api_key = args.api_key or os.environ.get("VLLM_API_KEY") or None
+    web.run_app(make_app(Fake(args), api_key), host=args.host, port=args.port, print=None,
                 access_log=None, backlog=4096)
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from conftest import free_port
-from er_gateway.httpclient import ConnectError, DisconnectError, HTTPPool, ProtocolError
+from er_gateway.httpclient import MAX_HEADER_BYTES, ConnectError, DisconnectError, HTTPPool, ProtocolError, TooLargeError
 
 Answer = Callable[[bytes, int], bytes | None]  # (request head+body, connection's request number) -> bytes
 
@@ -167,3 +167,41 @@ async def test_https_backend(tmp_path, monkeypatch) -> None:  # type: ignore[no-
             await untrusted.request("GET", "/health")
     finally:
         server.close()
+
+
+async def test_header_values_cannot_inject_lines(serve) -> None:  # type: ignore[no-untyped-def]
+    url, raw = await serve(lambda req, n: ok())
+    pool = HTTPPool(url, connect_timeout=1, timeout=5)
+    with pytest.raises(ValueError):
+        await pool.request("POST", "/a", b"{}", {"X-Request-ID": "a\r\nAuthorization: Bearer stolen"})
+    assert raw.requests == []  # nothing was sent
+
+
+async def test_caps_bound_headers_and_body(serve) -> None:  # type: ignore[no-untyped-def]
+    url, _ = await serve(lambda req, n: ok(b"x" * 5000))
+    pool = HTTPPool(url, connect_timeout=1, timeout=5, max_body=4096)
+    with pytest.raises(TooLargeError, match="5000 bytes exceeds the cap of 4096"):
+        await pool.request("POST", "/a", b"{}")
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"y" * 1024 + b"\r\n"
+    url, _ = await serve(lambda req, n: chunked * 1 + (b"400\r\n" + b"y" * 1024 + b"\r\n") * 10)
+    pool = HTTPPool(url, connect_timeout=1, timeout=5, max_body=4096)
+    with pytest.raises(TooLargeError, match="exceeds the cap of 4096"):
+        await pool.request("POST", "/a", b"{}")
+    trickle = b"HTTP/1.1 200 OK\r\nX-Long: " + b"z" * (MAX_HEADER_BYTES + 10)  # never finished
+    url, _ = await serve(lambda req, n: trickle)
+    pool = HTTPPool(url, connect_timeout=1, timeout=5)
+    with pytest.raises(TooLargeError, match="headers exceed"):
+        await pool.request("POST", "/a", b"{}")
+
+
+async def test_interim_answers_then_reuse(serve) -> None:  # type: ignore[no-untyped-def]
+    url, raw = await serve(lambda req, n: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nLink: <x>\r\n\r\n"
+                           + ok(b"%d" % n))
+    pool = HTTPPool(url, connect_timeout=1, timeout=5)
+    assert [(await pool.request("POST", "/a", b"{}")).body for _ in range(3)] == [b"1", b"2", b"3"]
+    assert raw.connections == 1
+
+
+def test_credentials_in_backend_urls_are_refused() -> None:
+    with pytest.raises(ValueError, match="user:password"):
+        HTTPPool("http://user:secret@127.0.0.1:8000", connect_timeout=1, timeout=1)

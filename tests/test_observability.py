@@ -53,7 +53,7 @@ def test_access_log_and_metrics_count_known_traffic(tmp_path: Path) -> None:
         assert metric(text, "er_request_duration_seconds_count", route="/v1/rerank") == 3
         # tokens by model and key = the sum of the backend's usage
         assert metric(text, "er_tokens_total", model=EMB, key="admin") == 5 * (3 + 2) + 2
-        assert metric(text, "er_replica_healthy", model=EMB, replica=emb.url) == 1
+        assert metric(text, "er_replica_healthy", model=EMB, replica="0") == 1
         assert "er_in_flight_requests" in text and "er_queue_wait_seconds_bucket" in text
         assert "er_upstream_errors_total" in text
 

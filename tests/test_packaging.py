@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -50,13 +51,16 @@ def test_compose_file() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert set(services) == {"embedding", "reranker", "gateway", "redis"}
-    for name, gpu, port in (("embedding", "1", "8000:8000"), ("reranker", "0", "8001:8000")):
+    for name, gpu in (("embedding", "1"), ("reranker", "0")):
         svc = services[name]
         assert svc["image"].startswith("vllm/vllm-openai")
         dev = svc["deploy"]["resources"]["reservations"]["devices"][0]
         assert dev["device_ids"] == [gpu] and dev["capabilities"] == ["gpu"] and dev["driver"] == "nvidia"
-        assert port in svc["ports"]
+        # reachable only on the compose network, i.e. only through the gateway; the key from the environment
+        assert "ports" not in svc and svc["expose"] == ["8000"]
+        assert svc["environment"]["VLLM_API_KEY"].startswith("${VLLM_API_KEY")
         cmd = " ".join(svc["command"])
+        assert "--api-key" not in cmd
         assert "--runner=pooling" in cmd and "MODEL_SIZE" in cmd and "MAX_MODEL_LEN" in cmd
         assert "GPU_MEMORY_UTILIZATION" in cmd
     assert "--convert=embed" in " ".join(services["embedding"]["command"])
@@ -67,6 +71,7 @@ def test_compose_file() -> None:
     env = gw["environment"]
     assert env["ER_EMBEDDING_URLS"] == "http://embedding:8000" and env["ER_RERANKER_URLS"] == "http://reranker:8000"
     assert env["ER_REDIS_URL"].startswith("redis://redis:") and "ER_WORKERS" in env
+    assert env["ER_BACKEND_API_KEY"] == services["embedding"]["environment"]["VLLM_API_KEY"]  # one key, both sides
     assert gw["depends_on"]["embedding"]["condition"] == "service_healthy"
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
         r = subprocess.run(["docker", "compose", "config", "-q"], cwd=ROOT, capture_output=True, text=True)
@@ -82,6 +87,32 @@ def test_dockerfile_and_deploy_script() -> None:
     for cmd in ("deploy", "build", "start", "stop", "status", "logs"):
         assert cmd in r.stdout
     assert subprocess.run([str(ROOT / "docker-deploy.sh"), "bogus"], capture_output=True).returncode == 2
+    assert "VLLM_API_KEY" in r.stdout
+
+
+def test_deploy_script_generates_the_backend_key_once(tmp_path: Path) -> None:
+    """`start` writes VLLM_API_KEY into .env (0600, kept across runs, never printed); docker is a stub."""
+    shutil.copy(ROOT / "docker-deploy.sh", tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "docker").write_text('#!/bin/sh\necho "docker $*" >> "$(dirname "$0")/../docker.log"\n')
+    (tmp_path / "bin" / "docker").chmod(0o755)
+    (tmp_path / ".env").write_text("MODEL_SIZE=4B\nVLLM_API_KEY=\n")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+    env["PATH"] = f"{tmp_path / 'bin'}:{env['PATH']}"
+
+    def start() -> str:
+        r = subprocess.run(["./docker-deploy.sh", "start"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout + r.stderr
+
+    out = start()
+    text = (tmp_path / ".env").read_text()
+    (key,) = re.findall(r"^VLLM_API_KEY=([0-9a-f]{64})$", text, re.M)
+    assert "MODEL_SIZE=4B" in text and key not in out
+    assert (tmp_path / ".env").stat().st_mode & 0o777 == 0o600
+    assert "compose up -d" in (tmp_path / "docker.log").read_text()
+    start()
+    assert (tmp_path / ".env").read_text() == text  # reused, not regenerated
 
 
 def test_systemd_units() -> None:
@@ -92,6 +123,12 @@ def test_systemd_units() -> None:
     assert "CUDA_VISIBLE_DEVICES=0" in units["vllm-reranker.service"] and "--hf-overrides" in units["vllm-reranker.service"]
     for text in units.values():
         assert "[Service]" in text and "ExecStart=" in text and "[Install]" in text
+        # the backend key comes from a root-only EnvironmentFile: not in ExecStart (ps) nor Environment=
+        assert re.search(r"^EnvironmentFile=/\S+$", text, re.M)
+        assert "--api-key" not in text and not re.search(r"^Environment=.*(API_KEY)", text, re.M)
+    for name in ("vllm-embedding.service", "vllm-reranker.service"):
+        (exec_start,) = re.findall(r"^ExecStart=(.*)$", units[name], re.M)
+        assert "--host 127.0.0.1" in exec_start and "0.0.0.0" not in exec_start
 
 
 def test_performance_test_tool(stack: Stack) -> None:

@@ -112,8 +112,12 @@ def test_health_is_public(stack: Stack) -> None:
     r = httpx.get(stack.gw.url + "/health")
     body = r.json()
     assert r.status_code == 200 and body["status"] == "healthy" and body["model_loaded"] is True
-    assert body["models"][EMB]["replicas"][0]["url"] == stack.emb.url
+    # Public: replicas by index, never an internal address; an admin key sees the URLs.
+    assert body["models"][EMB]["replicas"][0]["replica"] == 0 and "url" not in body["models"][EMB]["replicas"][0]
+    assert stack.emb.url.split("//")[1] not in r.text
     assert body["models"][RER]["kind"] == "rerank"
+    admin = httpx.get(stack.gw.url + "/health", headers=stack.gw.auth).json()
+    assert admin["models"][EMB]["replicas"][0]["url"] == stack.emb.url
 
 
 # ---- errors ---------------------------------------------------------------------------------

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, start_gateway
 
 FAKE = ROOT / "tests" / "fake_vllm_bin.sh"
 
 
 def env_for(tmp: Path, **extra: str) -> dict[str, str]:
+    inherited = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "VLLM_HOST")}
     env = {
-        **os.environ,
+        **inherited,
         "VLLM_BIN": str(FAKE),
         "FAKE_VLLM_PYTHON": sys.executable,
         "FAKE_VLLM_RECORD": str(tmp / "record.txt"),
@@ -34,8 +39,8 @@ def env_for(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run(name: str, env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(ROOT / name), *args], capture_output=True, text=True, env=env, timeout=timeout)
+def run(name: str, env: dict[str, str], *args: str, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(ROOT / name), *args], capture_output=True, text=True, env=env, timeout=timeout, **kw)
 
 
 @pytest.fixture
@@ -55,6 +60,31 @@ def record(env: dict[str, str]) -> list[str]:
     return Path(env["FAKE_VLLM_RECORD"]).read_text().splitlines()
 
 
+def listening(port: int) -> set[str]:
+    """The local addresses with a socket listening on `port` (`ss -ltn`)."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
+
+
+def group_cmdlines(pgid: int) -> list[bytes]:
+    """Command lines of every process in a process group: what `ps` shows any local user."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+            if int(fields[2]) == pgid:
+                out.append((proc / "cmdline").read_bytes())
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 @pytest.mark.parametrize("name", ["start_vllm_models.sh", "stop_vllm_models.sh", "check_models_status.sh"])
 def test_help(name: str, tmp_path: Path) -> None:
     r = run(name, env_for(tmp_path), "--help")
@@ -67,7 +97,7 @@ def test_help_lists_every_variable(tmp_path: Path) -> None:
                 "RERANKER_SERVED_NAME", "EMBEDDING_GPU", "RERANKER_GPU", "EMBEDDING_PORT", "RERANKER_PORT",
                 "GPU_MEMORY_UTILIZATION", "MAX_MODEL_LEN", "DEVICE", "VLLM_BIN", "VLLM_EXTRA_ARGS",
                 "EMBEDDING_EXTRA_ARGS", "RERANKER_EXTRA_ARGS", "LOG_DIR", "HEALTH_TIMEOUT", "RERANKER_PROMPT",
-                "VLLM_CPU_KVCACHE_SPACE"):
+                "VLLM_CPU_KVCACHE_SPACE", "VLLM_HOST", "VLLM_API_KEY"):
         assert var in out, var
 
 
@@ -91,6 +121,83 @@ def test_start_writes_pids_logs_and_new_vllm_flags(started: dict[str, str]) -> N
     assert again.returncode == 0 and again.stdout.count("already running") == 2
     status = run("check_models_status.sh", started, "--json", "--no-gateway")
     assert status.returncode == 0 and json.loads(status.stdout)["all_up"] is True
+
+
+def test_loopback_key_file_and_a_gateway_next_to_vllm(started: dict[str, str], tmp_path: Path) -> None:
+    r = run("start_vllm_models.sh", started, umask=0)  # the key file is 0600 even under umask 000
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning" not in r.stderr
+    logs = Path(started["LOG_DIR"])
+    key_file = logs / "vllm_api_key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    emb = f"http://127.0.0.1:{started['EMBEDDING_PORT']}"
+    rer = f"http://127.0.0.1:{started['RERANKER_PORT']}"
+    # loopback only, by default
+    for line in record(started):
+        assert "--host 127.0.0.1" in line and "VLLM_API_KEY=<set>" in line
+    for port in (started["EMBEDDING_PORT"], started["RERANKER_PORT"]):
+        assert listening(int(port)) == {"127.0.0.1"}
+    # the key is in vLLM's environment and nowhere a local user or a log reader could see it
+    for f in ("embedding.pid", "reranker.pid"):
+        pid = int((logs / f).read_text())
+        assert f"VLLM_API_KEY={key}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+        cmdlines = group_cmdlines(pid)
+        assert cmdlines and not any(key.encode() in c for c in cmdlines)
+    model_log = (logs / "embedding_model.log").read_text()
+    assert "VLLM_API_KEY=<redacted>" in model_log
+    seen = r.stdout + r.stderr + model_log + (logs / "reranker_model.log").read_text()
+    assert key not in seen and key not in "\n".join(record(started))
+    # like vLLM: /v1 needs the key; /score, /rerank, /tokenize and /health do not
+    denied = httpx.post(emb + "/v1/embeddings", json={"input": "x"})
+    assert denied.status_code == 401 and denied.json() == {"error": "Unauthorized"}
+    assert httpx.get(emb + "/v1/models", headers=bearer("wrong")).status_code == 401
+    assert httpx.post(emb + "/v1/embeddings", json={"input": "x"}, headers=bearer(key)).status_code == 200
+    for path, body in (("/score", {"text_1": "a", "text_2": ["b"]}), ("/rerank", {"query": "a", "documents": ["b"]}),
+                       ("/tokenize", {"prompt": "a b"})):
+        assert httpx.post(rer + path, json=body).status_code == 200, path
+    assert httpx.get(rer + "/health").status_code == 200
+    # the status script still reads the served names (it asks /v1/models with the key)
+    status = run("check_models_status.sh", started, "--json", "--no-gateway")
+    assert status.returncode == 0 and json.loads(status.stdout)["models"]["embedding"]["served_names"] == \
+        "Qwen3-Embedding-0.6B"
+    # a gateway with the same log directory picks the key up from the file
+    gw = start_gateway(tmp_path, "--embedding-url", emb, "--reranker-url", rer)
+    try:
+        ok = gw.post("/v1/embeddings", {"input": "x"})
+        assert ok.status_code == 200, ok.text
+        assert gw.post("/v1/rerank", {"query": "a", "documents": ["b", "c"]}).status_code == 200
+        assert key not in gw.output()
+    finally:
+        gw.stop()
+    # a restart reuses the key, so running gateways keep working
+    assert run("start_vllm_models.sh", started, "--restart").returncode == 0
+    assert key_file.read_text().strip() == key and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert httpx.post(emb + "/v1/embeddings", json={"input": "x"}, headers=bearer(key)).status_code == 200
+
+
+def test_public_vllm_host_warns_and_key_from_environment(tmp_path: Path) -> None:
+    env = env_for(tmp_path, VLLM_HOST="0.0.0.0", VLLM_API_KEY="env-key-0123456789")
+    try:
+        r = run("start_vllm_models.sh", env, "--only", "embedding")
+        assert r.returncode == 0, r.stdout + r.stderr
+        warning = " ".join(r.stderr.split())
+        assert "warning: VLLM_HOST=0.0.0.0" in warning and env["EMBEDDING_PORT"] in warning
+        assert "only protects /v1" in warning and "/score" in warning and "/tokenize" in warning
+        assert "Firewall" in warning
+        (line,) = record(env)
+        assert "--host 0.0.0.0" in line
+        assert listening(int(env["EMBEDDING_PORT"])) == {"0.0.0.0"}
+        assert not (Path(env["LOG_DIR"]) / "vllm_api_key").exists()  # the environment's key is not written down
+        url = f"http://127.0.0.1:{env['EMBEDDING_PORT']}/v1/embeddings"
+        assert httpx.post(url, json={"input": "x"}).status_code == 401
+        assert httpx.post(url, json={"input": "x"}, headers=bearer("env-key-0123456789")).status_code == 200
+        seen = r.stdout + r.stderr + (Path(env["LOG_DIR"]) / "embedding_model.log").read_text()
+        assert "env-key-0123456789" not in seen
+        assert "env-key-0123456789" not in run("start_vllm_models.sh", env, "--help").stdout
+    finally:
+        run("stop_vllm_models.sh", env)
 
 
 def test_old_vllm_gets_task_flags_and_gpu_settings(tmp_path: Path) -> None:

@@ -108,3 +108,35 @@ def test_gateway_serves_https_with_ssl_flags(tmp_path: Path) -> None:
         assert r.status_code == 200
     finally:
         gw.stop()
+
+
+def test_backend_key_from_the_start_scripts_file(tmp_path: Path) -> None:
+    (tmp_path / "vllm_api_key").write_text("k1\n")
+    here = {"log_dir": str(tmp_path)}
+    assert load_settings(here, environ={}).backend_api_key == "k1"
+    local = {**here, "embedding_urls": "http://localhost:1,http://[::1]:2"}
+    assert load_settings(local, environ={}).backend_api_key == "k1"
+    # a configured key wins
+    assert load_settings({**here, "backend_api_key": "mine"}, environ={}).backend_api_key == "mine"
+    assert load_settings(here, environ={"ER_BACKEND_API_KEY": "env"}).backend_api_key == "env"
+    # never sent to another host, never invented
+    assert load_settings({**here, "reranker_urls": "http://10.0.0.2:8001"}, environ={}).backend_api_key is None
+    assert load_settings({"log_dir": str(tmp_path / "elsewhere")}, environ={}).backend_api_key is None
+    # a file that is there but unusable is an error, not a silent stream of 401s
+    (tmp_path / "vllm_api_key").write_text("\n")
+    with pytest.raises(SettingsError, match="empty"):
+        load_settings(here, environ={})
+    (tmp_path / "vllm_api_key").unlink()
+    (tmp_path / "vllm_api_key").mkdir()
+    with pytest.raises(SettingsError, match="cannot read the vLLM key"):
+        load_settings(here, environ={})
+
+
+def test_backend_urls_with_credentials_are_refused() -> None:
+    for flags in ({"embedding_urls": "http://user:secret@10.0.0.7:8000"},
+                  {"reranker_urls": "http://127.0.0.1:8001,http://u:p@h:8001"}):
+        with pytest.raises(SettingsError) as e:
+            load_settings(flags, environ={})
+        assert "user:password" in str(e.value) and "secret" not in str(e.value)
+    with pytest.raises(SettingsError, match="http"):
+        load_settings({"embedding_urls": "ftp://h:21"}, environ={})

@@ -3,7 +3,8 @@
 Two script invocations start four servers at once: the main pair (embedding + reranker in
 gateway prompt mode) and a second pair (another embedding replica, and a reranker started
 with the project's score template for prompt mode "server"). Everything is checked through
-the gateway against transformers references computed on the same weights.
+the gateway against transformers references computed on the same weights. All four share one
+backend key (VLLM_API_KEY), so any gateway can mix replicas of both pairs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import json
 import math
 import os
+import secrets
 import struct
 import subprocess
 import time
@@ -63,6 +65,7 @@ class Tier:
     gw_server_mode: GatewayProc
     gw_split: GatewayProc
     startup_s: float
+    backend_key: str
 
     def reference(self, mode: str, items: list[str]) -> list:  # type: ignore[type-arg]
         model = self.models / ("tiny-qwen3-embedding" if mode == "embed" else "tiny-qwen3-reranker")
@@ -82,8 +85,9 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     bin_dir = vllm_bin_dir()
     models = tiny_models(bin_dir / "python")
     ports = [free_port() for _ in range(4)]
+    key = secrets.token_hex(32)
     base = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in ("VLLM_HOST", "VLLM_API_KEY")},
         "VLLM_BIN": str(bin_dir / "vllm"),
         "DEVICE": "cpu",
         "DTYPE": "float32",
@@ -99,7 +103,7 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_HOST": "127.0.0.1",
+        "VLLM_API_KEY": key,  # VLLM_HOST left unset: the scripts' default (loopback) is what is tested
         "EMBEDDING_CPU_CORES": "0",
         "RERANKER_CPU_CORES": "1",
     }
@@ -118,15 +122,17 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     assert pa.returncode == 0, out_a
     assert pb.returncode == 0, out_b
     assert "waiting for" in out_a and "healthy on port" in out_a  # visible progress
+    assert "warning" not in out_a and key not in out_a + out_b
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     common = ["--embedding-model", EMB_NAME, "--reranker-model", RER_NAME, "--health-interval", "1"]
-    gw = start_gateway(tmp / "gw", "--embedding-url", urls[0], "--reranker-url", urls[1], *common)
+    backend = {"ER_BACKEND_API_KEY": key}
+    gw = start_gateway(tmp / "gw", "--embedding-url", urls[0], "--reranker-url", urls[1], *common, env=backend)
     gw_s = start_gateway(tmp / "gw-server", "--embedding-url", urls[0], "--reranker-url", urls[3],
-                         *common, env={"RERANKER_PROMPT": "server"})
+                         *common, env={**backend, "RERANKER_PROMPT": "server"})
     gw_split = start_gateway(tmp / "gw-split", "--embedding-url", f"{urls[0]},{urls[2]}", "--reranker-url", urls[1],
-                             "--max-batch-inputs", "3", "--max-batch-docs", "2", *common)
+                             "--max-batch-inputs", "3", "--max-batch-docs", "2", *common, env=backend)
     try:
-        yield Tier(bin_dir, models, env_a, env_b, gw, gw_s, gw_split, startup)
+        yield Tier(bin_dir, models, env_a, env_b, gw, gw_s, gw_split, startup, key)
     finally:
         for g in (gw, gw_s, gw_split):
             g.stop()
@@ -153,6 +159,13 @@ def test_embeddings_equal_transformers_reference(tier: Tier) -> None:
         raw = base64.b64decode(d["embedding"])
         vec = list(struct.unpack(f"<{len(raw) // 4}f", raw))
         assert cosine(vec, e) >= 0.99999
+    # the same request straight to vLLM's port, without the backend key the gateway holds: refused
+    direct = f"http://127.0.0.1:{tier.env_a['EMBEDDING_PORT']}"
+    denied = httpx.post(direct + "/v1/embeddings", json={"model": EMB_NAME, "input": texts})
+    assert denied.status_code == 401 and denied.json() == {"error": "Unauthorized"}
+    assert httpx.get(direct + "/v1/models").status_code == 401
+    # vLLM's key guards /v1 only (why it binds to loopback): the stand-in must not be kinder than this
+    assert httpx.post(direct + "/tokenize", json={"model": EMB_NAME, "prompt": "hello"}).status_code == 200
 
 
 def test_embedding_instruction_matches_reference(tier: Tier) -> None:
@@ -258,6 +271,17 @@ def test_check_status_then_stop_leaves_nothing(tier: Tier) -> None:
     assert again.returncode == 0 and again.stdout.count("already running") == 2
 
     pids = [int((Path(tier.env_a["LOG_DIR"]) / f).read_text()) for f in ("embedding.pid", "reranker.pid")]
+    # loopback only, and the backend key on no vLLM command line (what `ps` shows) and in no log
+    ss = subprocess.run(["ss", "-Hltn", f"sport = :{tier.env_a['EMBEDDING_PORT']}"], capture_output=True, text=True)
+    assert {line.split()[3].rsplit(":", 1)[0] for line in ss.stdout.splitlines() if line.strip()} == {"127.0.0.1"}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) in pids:
+                assert tier.backend_key.encode() not in (proc / "cmdline").read_bytes(), proc
+        except (OSError, IndexError):
+            continue
+    for log in Path(tier.env_a["LOG_DIR"]).glob("*.log"):
+        assert tier.backend_key not in log.read_text(errors="replace"), log
     stop = script("stop_vllm_models.sh", tier.env_a)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     rows = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True).stdout.split("\n")
