@@ -107,27 +107,26 @@ class Pool:
             start = time.perf_counter()
             # Failures another replica may not have (connect errors, broken connections, 503)
             # are retried there; everything else is final.
-            who = self.describe(replica)
             try:
                 resp = await replica.client.request("POST", path, body, headers)
             except ConnectError as e:
                 self._fail(replica, "connect", f"cannot connect: {e}", down=True)
-                last = GatewayError(503, f"{who} refused the connection", headers={"Retry-After": "1"})
+                last = GatewayError(503, f"{self.describe(replica)} refused the connection", headers={"Retry-After": "1"})
             except TimeoutError:
                 self._fail(replica, "timeout", "timed out")
-                raise GatewayError(504, f"{who} did not answer within {self.settings.timeout:g} s") from None
+                raise GatewayError(504, f"{self.describe(replica)} did not answer within {self.settings.timeout:g} s") from None
             except DisconnectError as e:
                 # The connection broke mid-request (replica killed, keep-alive dropped). Embedding
                 # and scoring are idempotent, so trying another replica is safe.
                 self._fail(replica, "disconnect", str(e))
-                last = GatewayError(502, f"{who} closed the connection before answering in full")
+                last = GatewayError(502, f"{self.describe(replica)} closed the connection before answering in full")
             except TooLargeError as e:
                 self._fail(replica, "too_large", str(e))
-                raise GatewayError(502, f"{who} sent an answer over the gateway's limit: {e} "
+                raise GatewayError(502, f"{self.describe(replica)} sent an answer over the gateway's limit: {e} "
                                         "(--max-upstream-bytes)") from None
             except ProtocolError as e:
                 self._fail(replica, "protocol", str(e))
-                raise GatewayError(502, f"bad answer from {who}: {e}") from None
+                raise GatewayError(502, f"bad answer from {self.describe(replica)}: {e}") from None
             else:
                 answer = self._answer(replica, resp.status, resp.body, (time.perf_counter() - start) * 1000, retries)
                 if isinstance(answer, UpstreamResult):
