@@ -34,6 +34,16 @@ def http_answer(body: bytes, status: int = 200, extra: bytes = b"") -> bytes:
         status, len(body), extra, body)
 
 
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request from a raw connection: (head with its blank line, body by Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, (await reader.readexactly(length) if length else b"")
+
+
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close with a TCP RST rather than a FIN (SO_LINGER 0)."""
     sock = writer.get_extra_info("socket")
@@ -84,12 +94,7 @@ class HostileUpstream:
         n = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = await reader.readexactly(length) if length else b""
+                head, body = await read_request(reader)
                 if head.startswith(b"GET /health"):
                     writer.write(http_answer(b"{}"))
                     await writer.drain()

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from conftest import free_port
+from hostile_upstream import read_request
 from er_gateway.httpclient import MAX_HEADER_BYTES, ConnectError, DisconnectError, HTTPPool, ProtocolError, TooLargeError
 
 Answer = Callable[[bytes, int], bytes | None]  # (request head+body, connection's request number) -> bytes
@@ -25,12 +26,7 @@ class RawServer:
         n = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = await reader.readexactly(length) if length else b""
+                head, body = await read_request(reader)
                 self.requests.append(head + body)
                 n += 1
                 out = self.answer(head + body, n)
