@@ -141,8 +141,11 @@ class Gateway:
 
     def is_admin(self, request: Request) -> bool:
         """Whether the request carries a valid admin key (for pages that are public otherwise)."""
+        key = api_key_of(request)
+        if key is None:
+            return False  # the common case (a load balancer's probe): no error object built
         try:
-            return self.keys.authenticate(api_key_of(request)).admin
+            return self.keys.authenticate(key).admin
         except GatewayError:
             return False
 

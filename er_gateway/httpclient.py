@@ -68,6 +68,22 @@ class HTTPResponse:
     body: bytes
 
 
+def check_backend_url(url: str) -> None:
+    """Refuse a URL this client cannot use safely (ValueError, saying what to do instead).
+
+    Credentials in a URL would show wherever the URL does (logs, admin pages) and would not
+    be sent, so they are refused rather than silently dropped: vLLM takes a Bearer key.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"backend URL must be http(s)://host[:port][/prefix], got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            "backend URLs must not carry user:password; give vLLM's key with --backend-api-key "
+            "(ER_BACKEND_API_KEY) instead"
+        )
+
+
 class State(enum.Enum):
     IDLE = "idle"  # no exchange; nothing may arrive
     ACTIVE = "active"  # a request is out, its answer (after any 1xx) is being read
@@ -233,11 +249,8 @@ class HTTPPool:
         max_idle: int = 1024,
         max_body: int = 256 * 1024 * 1024,
     ) -> None:
+        check_backend_url(url)
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"backend URL must be http(s)://host[:port], got {url!r}")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("backend URL must not carry user:password (use the backend API key)")
         self.url = url
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)

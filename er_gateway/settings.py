@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .httpclient import check_backend_url
+
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 BACKEND_KEY_FILE = "vllm_api_key"  # in the log directory, written by start_vllm_models.sh
 
@@ -49,14 +51,7 @@ class ModelConfig(BaseModel):
     @field_validator("urls", mode="before")
     @classmethod
     def _split_urls(cls, v: Any) -> Any:
-        return split_urls(v) if isinstance(v, str) else [str(u).strip().rstrip("/") for u in v]
-
-    @field_validator("urls")
-    @classmethod
-    def _check_urls(cls, v: list[str]) -> list[str]:
-        for u in v:
-            check_backend_url(u)
-        return v
+        return backend_urls(v)
 
     @property
     def backend_name(self) -> str:
@@ -111,14 +106,7 @@ class Settings(BaseModel):
     @field_validator("embedding_urls", "reranker_urls", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
-        return split_urls(v) if isinstance(v, str) else [str(u).strip().rstrip("/") for u in v]
-
-    @field_validator("embedding_urls", "reranker_urls")
-    @classmethod
-    def _check(cls, v: list[str]) -> list[str]:
-        for u in v:
-            check_backend_url(u)
-        return v
+        return backend_urls(v)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -165,20 +153,14 @@ def split_urls(value: str) -> list[str]:
     return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
 
 
-def check_backend_url(url: str) -> None:
-    """Refuse a backend URL the gateway cannot use safely, with what to do instead.
-
-    Credentials in a URL would show wherever the URL does (logs, admin pages) and would not
-    be sent, so they are refused rather than silently dropped: vLLM takes a Bearer key.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"backend URL must be http(s)://host[:port][/prefix], got {url!r}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(
-            "backend URLs must not carry user:password; give vLLM's key with --backend-api-key "
-            "(ER_BACKEND_API_KEY) instead"
-        )
+def backend_urls(value: Any) -> Any:
+    """A comma-separated string or a list of backend URLs, normalised and checked."""
+    if not isinstance(value, (str, list, tuple)):
+        return value  # pydantic reports the wrong type
+    urls = split_urls(value) if isinstance(value, str) else [str(u).strip().rstrip("/") for u in value]
+    for u in urls:
+        check_backend_url(u)
+    return urls
 
 
 @dataclass(frozen=True)
