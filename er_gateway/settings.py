@@ -41,6 +41,9 @@ class ModelConfig(BaseModel):
     aliases: list[str] = Field(default_factory=list)
     prompt: PromptMode = "gateway"
     instruction: str | None = None
+    # The model's tokenizer.json (or a directory holding it): exact token counts for budgets
+    # and `max_length` cut in the gateway. Unset: looked up in the Hugging Face cache.
+    tokenizer: str | None = None
 
     @field_validator("kind", mode="before")
     @classmethod
@@ -69,6 +72,8 @@ class Settings(BaseModel):
     reranker_urls: list[str] = ["http://127.0.0.1:8001"]
     reranker_model: str = "Qwen3-Reranker-0.6B"
     reranker_prompt: PromptMode = "gateway"
+    embedding_tokenizer: str | None = None
+    reranker_tokenizer: str | None = None
     default_instruction: str = DEFAULT_INSTRUCTION
     backend_api_key: str | None = None
     keys_file: str = "er_api_keys.json"
@@ -76,11 +81,22 @@ class Settings(BaseModel):
     token_limit: str | None = None
     redis_url: str | None = None
     redis_failure_mode: Literal["open", "closed"] = "open"
+    redis_timeout: float = Field(0.5, gt=0)
+    redis_breaker_interval: float = Field(5.0, ge=0)
     max_concurrency: int = Field(500, ge=1)
+    # None: half of max_concurrency (at least 1), so one key never holds every slot.
+    max_concurrency_per_key: int | None = Field(None, ge=1)
     queue_timeout: float = Field(30.0, ge=0)
     timeout: float = Field(600.0, gt=0)
     connect_timeout: float = Field(5.0, gt=0)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_inputs: int = Field(2048, ge=1)
+    max_documents: int = Field(1000, ge=1)
+    max_batch_items: int = Field(64, ge=1)
+    header_timeout: float = Field(10.0, gt=0)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    keepalive_timeout: float = Field(5.0, gt=0)
+    max_connections: int = Field(4096, ge=1)
     # The largest legitimate answer: 2,048 inputs x 4,096 floats, at most 24 bytes each as JSON
     # (192 MiB), with headroom. Above it the answer is refused (502) instead of buffered.
     max_upstream_bytes: int = Field(256 * 1024 * 1024, ge=1024)
@@ -118,12 +134,14 @@ class Settings(BaseModel):
         # Without a `models:` list the flags describe one embedding and one reranker model.
         if not self.models:
             self.models = [
-                ModelConfig(name=self.embedding_model, kind="embedding", urls=self.embedding_urls),
+                ModelConfig(name=self.embedding_model, kind="embedding", urls=self.embedding_urls,
+                            tokenizer=self.embedding_tokenizer),
                 ModelConfig(
                     name=self.reranker_model,
                     kind="rerank",
                     urls=self.reranker_urls,
                     prompt=self.reranker_prompt,
+                    tokenizer=self.reranker_tokenizer,
                 ),
             ]
         names: set[str] = set()
@@ -138,6 +156,10 @@ class Settings(BaseModel):
                 "rate-limit counters, letting N times the configured rate through"
             )
         return self
+
+    @property
+    def per_key_concurrency(self) -> int:
+        return self.max_concurrency_per_key or max(1, self.max_concurrency // 2)
 
     def default_model(self, kind: Kind) -> ModelConfig | None:
         """The model used when a request names none: the flag's name if present, else the first."""
@@ -189,6 +211,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("reranker_urls", "reranker vLLM replica URL(s), comma-separated", "URL[,URL...]", "--reranker-url"),
     Option("reranker_model", "name of the default reranker model", "NAME"),
     Option("reranker_prompt", "who applies the Qwen3-Reranker prompt: gateway | server | none", "MODE"),
+    Option("embedding_tokenizer", "the embedding model's tokenizer.json or its directory (default: found in "
+           "the Hugging Face cache, else vLLM's /tokenize)", "PATH"),
+    Option("reranker_tokenizer", "the reranker model's tokenizer.json or its directory (exact token counts, "
+           "max_length cut in the gateway; default: the Hugging Face cache, else vLLM's /tokenize)", "PATH"),
     Option("default_instruction", "instruction used when a request gives none", "TEXT"),
     Option("backend_api_key", "key sent upstream as Bearer (vLLM's VLLM_API_KEY); clients' keys never are. "
            f"Unset: read from LOG_DIR/{BACKEND_KEY_FILE} (start_vllm_models.sh writes it) when every "
@@ -198,11 +224,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("token_limit", "default per-key token budget, e.g. 100000/minute (off when unset)", "SPEC"),
     Option("redis_url", "Redis URL for limits shared by all workers and hosts (redis://host:port/db)", "URL"),
     Option("redis_failure_mode", "when Redis fails: open (serve, warn, count) | closed (503)", "MODE"),
+    Option("redis_timeout", "seconds one Redis call may take before it counts as a failure", "S"),
+    Option("redis_breaker_interval", "after a Redis failure, seconds Redis is skipped (failure mode applies) "
+           "before one request tries it again", "S"),
     Option("max_concurrency", "max requests upstream at once (per gateway process group)", "N"),
+    Option("max_concurrency_per_key", "max upstream requests of one key at once; other keys' requests are "
+           "queued fairly (default: half of --max-concurrency)", "N"),
     Option("queue_timeout", "seconds a request may wait for a concurrency slot before 503", "S"),
     Option("timeout", "total upstream timeout in seconds (504 after)", "S"),
     Option("connect_timeout", "upstream connect timeout in seconds", "S"),
     Option("max_body_bytes", "largest request body accepted (413 above)", "N"),
+    Option("max_inputs", "most inputs in one embeddings request (400 above)", "N"),
+    Option("max_documents", "most documents in one rerank request (400 above)", "N"),
+    Option("max_batch_items", "most requests in one /batch_rerank (400 above)", "N"),
+    Option("header_timeout", "seconds a client may take to send a request's headers (connection closed after)",
+           "S"),
+    Option("max_header_bytes", "largest request head (request line + headers) accepted (431 above)", "N"),
+    Option("keepalive_timeout", "seconds an idle keep-alive connection is kept open", "S"),
+    Option("max_connections", "most client connections open at once; more are closed at once, with a log line",
+           "N"),
     Option("max_upstream_bytes", "largest answer body accepted from vLLM (502 above)", "N"),
     Option("max_retries", "retries on another replica after a connect error or a 503", "N"),
     Option("health_interval", "seconds between active health checks of each replica", "S"),
