@@ -18,18 +18,19 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .errors import GatewayError
 from .gateway import Gateway
-from .observability import Logs, Recorder, RequestInfo, new_request_id
+from .observability import Logs, Recorder, RequestInfo, log_field, new_request_id
 from .routes import router
 from .settings import Settings, load_settings
 
 log = logging.getLogger("er_gateway")
 
 SETTINGS_ENV = "ER__SETTINGS_JSON"  # how the CLI hands settings to uvicorn worker processes
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before it had its answer
 
 
 def create_app(settings: Settings, cli_overrides: dict[str, Any] | None = None) -> Any:
@@ -87,7 +88,9 @@ def error_response(exc: Exception, scope: dict[str, Any]) -> Response:
     """The envelope for any exception: a GatewayError as it says, anything else a logged 500."""
     if isinstance(exc, GatewayError):
         return exc.response()
-    log.error("unexpected error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+    if isinstance(exc, ClientDisconnect):  # nobody to answer; GatewayASGI logs and records a 499
+        return Response(status_code=CLIENT_CLOSED)
+    log.error("unexpected error on %s %s", log_field(scope.get("method")), log_field(scope.get("path")), exc_info=exc)
     return GatewayError(500, "internal gateway error; see the gateway log").response()
 
 
@@ -121,6 +124,7 @@ class GatewayASGI:
         info = RequestInfo(new_request_id(incoming), time.perf_counter())
         scope.setdefault("state", {})["er"] = info
         status = 500
+        gone = ""  # set when the client left: what the gateway was doing then
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal status
@@ -137,15 +141,36 @@ class GatewayASGI:
         try:
             endpoint = self.routes.get((scope["method"], scope["path"]))
             if endpoint is None:
-                await self.app(scope, receive, send_wrapper)
+                try:
+                    await self.app(scope, receive, send_wrapper)
+                except ClientDisconnect:  # Starlette re-raises it after its 500 handler ran
+                    gone = "before the request was complete"
                 return
             scope["app"] = self.app
             try:
                 response = await endpoint(Request(scope, receive))
+            except ClientDisconnect:  # mid-body: no one to answer
+                gone = "before the request was complete"
+                return
             except Exception as e:  # noqa: BLE001 - every failure leaves as the SPEC envelope
                 response = error_response(e, scope)
-            await response(scope, receive, send_wrapper)
+            try:
+                await response(scope, receive, send_wrapper)
+            except OSError:  # ASGI servers may raise this from send() once the client is gone
+                gone = "before the answer was sent"
         finally:
+            # uvicorn's send() is a method of the request's cycle, whose `disconnected` is set when the
+            # connection drops before the answer is complete: send() then drops the answer silently.
+            # One attribute read per request; no polling while vLLM works.
+            if not gone and getattr(getattr(send, "__self__", None), "disconnected", False):
+                gone = "before the answer was sent"
+            if gone:
+                status = CLIENT_CLOSED
+                log.info(
+                    "client closed the connection %s: status=499 method=%s path=%s request_id=%s key=%s",
+                    gone, log_field(scope.get("method")), log_field(scope.get("path")),
+                    log_field(info.request_id), log_field(info.key_name),
+                )
             self.recorder.record(scope, info, status)
 
 

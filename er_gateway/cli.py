@@ -13,6 +13,7 @@ import orjson
 
 from . import keys as keystore
 from .settings import OPTIONS, SettingsError, add_arguments, load_settings
+from .tokens import TokenizerError, find_tokenizer
 
 BANNER = """
 ================================================================================
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     cli = {o.field: args[o.field] for o in OPTIONS if o.field in args}
     try:
         settings = load_settings(cli)
-    except SettingsError as e:
+        for m in settings.models:
+            find_tokenizer(m)  # a configured tokenizer path that is wrong stops here, not in a worker
+    except (SettingsError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return serve(settings, cli)
@@ -125,6 +128,7 @@ def keys_command(args: dict[str, Any]) -> int:
 def serve(settings: Any, cli: dict[str, Any]) -> int:
     import uvicorn
 
+    from . import frontdoor
     from .app import SETTINGS_ENV, create_app
 
     try:
@@ -134,11 +138,19 @@ def serve(settings: Any, cli: dict[str, Any]) -> int:
         return 2
     if created:
         print(BANNER.format(path=os.path.abspath(settings.keys_file), key=created, port=settings.port), flush=True)
+    # Front door (er_gateway/frontdoor.py): header timeout, head size cap, connection cap (per process),
+    # lingering close after an early answer. configure() raises RLIMIT_NOFILE (workers inherit it) and
+    # logs if the cap had to be lowered: after create_app() so that the line reaches the gateway log.
+    def door() -> dict[str, Any]:
+        return frontdoor.configure(settings.header_timeout, settings.max_header_bytes, settings.max_connections)
+
     common: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=frontdoor.FrontDoorProtocol,
+        ws="none",  # no WebSocket routes; an upgraded connection would leave the front door's accounting
+        timeout_keep_alive=settings.keepalive_timeout,
         access_log=False,
         log_config=None,
         ssl_certfile=settings.ssl_certfile,
@@ -151,7 +163,10 @@ def serve(settings: Any, cli: dict[str, Any]) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="er-gateway-metrics-")
         env = {o.env: os.environ[o.env] for o in OPTIONS if o.env in os.environ}
         os.environ[SETTINGS_ENV] = orjson.dumps({"cli": cli, "env": env}).decode()
+        os.environ[frontdoor.ENV] = orjson.dumps(door()).decode()
         uvicorn.run("er_gateway.app:create_app_from_env", factory=True, workers=settings.workers, **common)
     else:
-        uvicorn.run(create_app(settings, cli), **common)
+        app = create_app(settings, cli)
+        door()
+        uvicorn.run(app, **common)
     return 0

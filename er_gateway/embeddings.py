@@ -22,6 +22,7 @@ from .upstream import Pool
 
 PATH = "/v1/embeddings"
 QUERY_TYPES = ("query", "search_query")
+SPECIAL_TOKENS = 2  # per input, added by the tokenizer (Qwen3-Embedding appends <|endoftext|>)
 
 
 async def create_embeddings(
@@ -34,16 +35,37 @@ async def create_embeddings(
     inputs = data["input"]
     many = isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
     adm.info.items = len(inputs) if many else 1
+    if gw.budgets_tokens(adm.key):
+        await gw.reserve_tokens(adm, await _estimate(gw, pool, inputs, data.get("truncate_prompt_tokens")))
     limit = gw.settings.max_batch_inputs
-    if many and len(inputs) > limit:
-        body = await _split(gw, pool, adm, data, inputs, limit)
-    else:
-        result = await gw.call(pool, PATH, orjson.dumps(data) if changed else raw, adm.info)
-        body = result.body
-        if not body.lstrip()[:1] == b"{":
-            raise GatewayError(502, "backend answered with something that is not JSON")
+    try:
+        if many and len(inputs) > limit:
+            body = await _split(gw, pool, adm, data, inputs, limit)
+        else:
+            result = await gw.call(pool, PATH, orjson.dumps(data) if changed else raw, adm.info)
+            body = result.body
+            if not body.lstrip()[:1] == b"{":
+                raise GatewayError(502, "backend answered with something that is not JSON")
+    except BaseException:
+        await gw.refund_tokens(adm)
+        raise
     await gw.charge_tokens(adm, pool.model.name, usage_tokens(body))
     return Response(body, media_type="application/json", headers=adm.headers)
+
+
+async def _estimate(gw: Gateway, pool: Pool, inputs: Any, truncate: Any = None) -> int:
+    """Tokens this request will cost (exact with the tokenizer, else an upper bound)."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if inputs and isinstance(inputs[0], int):
+        inputs = [inputs]
+    if isinstance(truncate, int) and not isinstance(truncate, bool) and truncate > 0:
+        # vLLM keeps at most `truncate` tokens of each input; bytes bound tokens from above.
+        return sum(min(len(x) if isinstance(x, list) else len(x.encode()), truncate) + SPECIAL_TOKENS
+                   for x in inputs)
+    texts = [x for x in inputs if isinstance(x, str)]
+    ids = sum(len(x) for x in inputs if isinstance(x, list))
+    return await gw.count_tokens(pool.model, texts) + ids + SPECIAL_TOKENS * len(inputs)
 
 
 def _apply_gateway_fields(gw: Gateway, pool: Pool, req: EmbeddingRequest, data: dict[str, Any]) -> bool:
@@ -74,6 +96,8 @@ async def _split(
     chunks = [inputs[i : i + size] for i in range(0, len(inputs), size)]
     bodies = [orjson.dumps({**data, "input": c}) for c in chunks]
     answers = await asyncio.gather(*(gw.call(pool, PATH, b, adm.info) for b in bodies), return_exceptions=True)
+    # What the backend did for the chunks it answered is charged even if another chunk failed.
+    adm.done_tokens = sum(usage_tokens(a.body) or 0 for a in answers if not isinstance(a, BaseException))
     for a in answers:
         if isinstance(a, BaseException):
             raise a

@@ -20,12 +20,15 @@ from starlette.requests import Request
 from .errors import GatewayError
 from .keys import ApiKey, KeysFileError, KeyStore
 from .observability import Metrics, Recent, RequestInfo
-from .ratelimit import ConcurrencyGate, RateLimiter
+from .concurrency import FairGate
+from .ratelimit import RateLimiter
+from .tokens import ModelTokenizer, TokenizerError, load_tokenizers
 from .settings import Kind, ModelConfig, Settings, SettingsError, load_settings
 from .upstream import Pool, UpstreamResult, Upstreams
 
 log = logging.getLogger("er_gateway")
 
+EXACT_COUNT_MAX_CHARS = 64 * 1024  # texts counted exactly for a reservation (~60 ms); above, a bound
 _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 
 
@@ -34,6 +37,8 @@ class Admission:
     key: ApiKey
     headers: dict[str, str]
     info: RequestInfo
+    reserved: int = 0  # tokens taken from the key's budget before forwarding, settled after
+    done_tokens: int = 0  # tokens of the parts the backend answered, should the whole fail
 
 
 class Gateway:
@@ -44,15 +49,18 @@ class Gateway:
         self.metrics = Metrics()
         self.recent = Recent()
         self.limiter = RateLimiter(
-            settings.rate_limit, settings.token_limit, settings.redis_url, settings.redis_failure_mode
+            settings.rate_limit, settings.token_limit, settings.redis_url, settings.redis_failure_mode,
+            redis_timeout=settings.redis_timeout, breaker_interval=settings.redis_breaker_interval,
         )
         self.limiter.on_storage_error = self.metrics.storage_errors.inc
-        # Each worker process gets its share of the cap, so N workers still send at most N×share.
+        # Each worker process gets its share of the caps, so N workers still send at most N×share.
         per_worker = max(1, -(-settings.max_concurrency // settings.workers))
-        self.gate = ConcurrencyGate(per_worker, settings.queue_timeout)
+        per_key = max(1, -(-settings.per_key_concurrency // settings.workers))
+        self.gate = FairGate(per_worker, per_key, settings.queue_timeout)
         self.upstreams = Upstreams(settings)
         self.upstreams.on_error = self._upstream_error  # type: ignore[assignment]
         self._index_models(settings.models)
+        self.tokenizers: dict[str, ModelTokenizer] = load_tokenizers(settings.models)
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -108,11 +116,13 @@ class Gateway:
             raise GatewayError(400, f"reload failed, old configuration kept: {e}") from None
         try:
             self.keys.reload()
-        except (KeysFileError, FileNotFoundError) as e:
+            tokenizers = load_tokenizers(new.models)
+        except (KeysFileError, FileNotFoundError, TokenizerError) as e:
             raise GatewayError(400, f"reload failed, old configuration kept: {e}") from None
         self.upstreams.settings = new
         self.upstreams.replace(new.models)
         self._index_models(new.models)
+        self.tokenizers = tokenizers
         self.limiter.default_rate = new.rate_limit
         self.limiter.default_tokens = new.token_limit
         self.settings = new
@@ -175,11 +185,12 @@ class Gateway:
 
     async def call(self, pool: Pool, path: str, body: bytes, info: RequestInfo) -> UpstreamResult:
         """One upstream request under the concurrency cap; timing goes into `info`."""
-        waited = await self.gate.acquire()
+        key = info.key_name or ""
+        waited = await self.gate.acquire(key)
         try:
             result = await pool.post(path, body, info.request_id)
         finally:
-            self.gate.release()
+            self.gate.release(key)
         info.queue_ms += waited * 1000
         info.upstream_ms += result.upstream_ms
         info.replica = result.replica
@@ -191,11 +202,48 @@ class Gateway:
             self.metrics.retries.labels(pool.model.name).inc(result.retries)
         return result
 
+    async def count_tokens(self, model: ModelConfig, texts: list[str]) -> int:
+        """Tokens in `texts`: exact with the model's tokenizer, else an upper bound.
+
+        The bound is the UTF-8 length (a byte-level BPE token, as Qwen3's are, covers at least one
+        byte). It is also used above EXACT_COUNT_MAX_CHARS: tokenizing costs ~0.5 s of CPU per MB
+        and this is only a reservation, settled to vLLM's own count after the answer.
+        """
+        tok = self.tokenizers.get(model.name)
+        if tok is not None and sum(map(len, texts)) <= EXACT_COUNT_MAX_CHARS:
+            return sum(await tok.count_many_async(texts))
+        return sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
+
+    def budgets_tokens(self, key: ApiKey) -> bool:
+        """Whether `key` has a token budget (only then are tokens counted before forwarding)."""
+        return bool(key.token_limit or self.limiter.default_tokens)
+
+    async def reserve_tokens(self, admission: Admission, tokens: int) -> None:
+        """Take an estimate of the request's tokens from the key's budget (429 if it does not fit)."""
+        try:
+            reserved, headers = await self.limiter.reserve_tokens(admission.key, tokens)
+        except GatewayError as e:
+            e.headers = {**admission.headers, **e.headers}
+            raise
+        admission.reserved += reserved
+        admission.headers.update(headers)
+
     async def charge_tokens(self, admission: Admission, model: str, tokens: int | None) -> None:
+        """Count what the backend reported; settle the reservation against it."""
         if tokens:
             admission.info.tokens = (admission.info.tokens or 0) + tokens
             self.metrics.child(self.metrics.tokens, model, admission.key.name).inc(tokens)
+        if admission.reserved:
+            reserved, admission.reserved = admission.reserved, 0
+            await self.limiter.settle_tokens(admission.key, reserved, tokens)
+        elif tokens and self.budgets_tokens(admission.key):
             await self.limiter.add_tokens(admission.key, tokens)
+
+    async def refund_tokens(self, admission: Admission) -> None:
+        """Settle a failed request's reservation to the parts the backend did answer (if any)."""
+        if admission.reserved:
+            reserved, admission.reserved = admission.reserved, 0
+            await self.limiter.settle_tokens(admission.key, reserved, admission.done_tokens or None)
 
     # ---- views -----------------------------------------------------------------------------
     def _names(self) -> str:

@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import re
 import secrets
 import sys
 import threading
@@ -162,7 +163,12 @@ class Logs:
         self, when: str, info: RequestInfo, method: str, path: str, status: int, total_ms: float,
         client: str | None,
     ) -> None:
-        """One access-log line; the text form is one f-string (this runs on every request)."""
+        """One access-log line (this runs on every request).
+
+        Text: `name=value` fields separated by one space; a value from the request (request id,
+        method, path, client, ...) is written bare when it is plain, else quoted and escaped
+        (`log_field`), so no value can end a line or start a field. JSON: one orjson object a line.
+        """
         if self._access is None:
             return
         if self.json:
@@ -173,16 +179,31 @@ class Logs:
                 "replica": info.replica, "retries": info.retries, "items": info.items, "tokens": info.tokens,
                 "client": client, **info.extra,
             }).decode()
+            if not line.isascii():  # orjson leaves U+0085/U+2028/U+2029 raw; str.splitlines() splits on them
+                line = line.translate(_JSON_LINE_BREAKS)
         else:
+            rid, key, model, replica = info.request_id, info.key_name, info.model, info.replica
+            items, tokens = info.items, info.tokens
+            values = (rid, key, method, path, model, replica, client)
+            # The common case in one test over all values at once rather than one per value: each
+            # is plain (see log_field) iff their concatenation is printable ASCII without space, ",
+            # \ or =, and none of them is "" or "-". (None passes as "None" and is written "-".)
+            probe = f"{rid}{key}{method}{path}{model}{replica}{client}"
+            if not (
+                probe.isascii() and probe.isprintable() and " " not in probe and '"' not in probe
+                and "\\" not in probe and "=" not in probe and "" not in values and "-" not in values
+            ):
+                rid, key, method, path, model, replica, client = map(log_field, values)
+            # None is "-"; a real "" or "-" was quoted above, so `or` only ever replaces None.
             line = (
-                f"time={when} request_id={_text(info.request_id)} key={_text(info.key_name)} method={method} "
-                f"path={_text(path)} model={_text(info.model)} status={status} total_ms={total_ms:.2f} "
-                f"upstream_ms={info.upstream_ms:.2f} queue_ms={info.queue_ms:.2f} replica={_text(info.replica)} "
-                f"retries={info.retries} items={_text(info.items)} tokens={_text(info.tokens)} "
-                f"client={_text(client)}"
+                f"time={when} request_id={rid} key={key or '-'} method={method} path={path} "
+                f"model={model or '-'} status={status} total_ms={total_ms:.2f} upstream_ms={info.upstream_ms:.2f} "
+                f"queue_ms={info.queue_ms:.2f} replica={replica or '-'} retries={info.retries} "
+                f"items={items if items.__class__ is int else log_field(items)} "
+                f"tokens={tokens if tokens.__class__ is int else log_field(tokens)} client={client or '-'}"
             )
             if info.extra:
-                line += "".join(f" {k}={_text(v)}" for k, v in info.extra.items())
+                line += "".join(f" {log_field(k)}={log_field(v)}" for k, v in info.extra.items())
         self._access.queue.put(line)
 
     def close(self) -> None:
@@ -195,13 +216,45 @@ class Logs:
             self._access.stop()
 
 
-def _text(v: Any) -> str:
+_JSON_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Everything but printable ASCII other than " and \, and printable Latin-1: what _escape_char looks at.
+_NEEDS_LOOK = re.compile(r'[^ !#-\[\]-~\xa1-\xac\xae-\xff]')
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    e = _ESCAPES.get(c)
+    if e is not None:
+        return e
+    if c.isprintable():  # non-ASCII printable (CJK, accents, emoji) stays as it is
+        return c
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def log_field(v: Any) -> str:
+    """One value of a text access-log line (or of a gateway-log message) that may come from a client.
+
+    Bare when plain: non-empty printable ASCII without space, `"`, `\\` or `=`, and not `-`
+    (which stands for None). Otherwise in double quotes with `\\` -> `\\\\`, `"` -> `\\"`,
+    newline/CR/tab -> `\\n`/`\\r`/`\\t`, and every other non-printable character (controls, DEL,
+    U+0085, U+2028/2029, NBSP, ...) as `\\xNN`, `\\uNNNN` or `\\UNNNNNNNN`; printable non-ASCII
+    characters are kept. So a value can neither end the line nor be mistaken for more fields.
+    """
     if v is None:
         return "-"
     if isinstance(v, float):
         return f"{v:.2f}"
-    s = str(v)
-    return f'"{s}"' if " " in s or not s else s
+    s = v if isinstance(v, str) else str(v)
+    if (
+        s.isascii() and s.isprintable() and s and s != "-"
+        and " " not in s and '"' not in s and "\\" not in s and "=" not in s
+    ):
+        return s
+    if s.isprintable():  # only quotes, backslashes, spaces or printable non-ASCII to take care of
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + _NEEDS_LOOK.sub(_escape_char, s) + '"'
 
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)

@@ -1,4 +1,4 @@
-"""Per-key request and token limits (the `limits` library, async) and the concurrency cap.
+"""Per-key request and token limits (the `limits` library, async), with a breaker around Redis.
 
 Requests are counted with a sliding-window counter by default: O(1) per hit in
 memory and in Redis, and, unlike a fixed window, it never lets twice the limit
@@ -6,6 +6,15 @@ through at a window boundary. `moving-window` (an exact log of hits) is
 available; it costs O(limit) per hit, which matters only for very high limits.
 Retry-After is computed from the counters: the seconds until the algorithm in
 use will accept a request again, not the window length.
+
+Token budgets are reserved before a request is forwarded (an exact count from the model's
+tokenizer, or an upper bound without one) and settled against the backend's `usage` after,
+so concurrent requests cannot together spend more than the budget.
+
+Every Redis call has a timeout (`--redis-timeout`); after a failure the breaker skips Redis
+for `--redis-breaker-interval` seconds (the failure mode applies at once, costing nothing),
+then lets one request try it again. A hung Redis thus costs one timeout per interval, not
+one per request.
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ from .keys import ApiKey
 log = logging.getLogger("er_gateway.limits")
 
 Strategy = Literal["sliding-window", "moving-window"]
-REDIS_CALL_TIMEOUT = 0.5
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,7 @@ class Budget:
         }
 
 
-def make_storage(redis_url: str | None) -> Storage:
+def make_storage(redis_url: str | None, timeout: float = 0.5) -> Storage:
     if not redis_url:
         return MemoryStorage()
     uri = redis_url if redis_url.startswith("async+") else "async+" + redis_url
@@ -55,8 +63,8 @@ def make_storage(redis_url: str | None) -> Storage:
         uri,
         wrap_exceptions=True,
         implementation="redispy",
-        socket_timeout=REDIS_CALL_TIMEOUT,
-        socket_connect_timeout=REDIS_CALL_TIMEOUT,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
     )
 
 
@@ -68,10 +76,16 @@ class RateLimiter:
         redis_url: str | None = None,
         failure_mode: Literal["open", "closed"] = "open",
         strategy: Strategy = "sliding-window",
+        redis_timeout: float = 0.5,
+        breaker_interval: float = 5.0,
     ) -> None:
-        self.storage = make_storage(redis_url)
+        self.storage = make_storage(redis_url, redis_timeout)
         self.shared = redis_url is not None
         self.failure_mode = failure_mode
+        self.redis_timeout = redis_timeout
+        self.breaker_interval = breaker_interval
+        self._open_until = 0.0  # breaker: Redis is skipped until then
+        self._probing = False  # one request is trying Redis after the interval
         self.strategy = strategy
         self._requests = (
             MovingWindowRateLimiter(self.storage)
@@ -96,7 +110,7 @@ class RateLimiter:
         return item
 
     async def hit_request(self, key: ApiKey, cost: int = 1) -> dict[str, str]:
-        """Count `cost` requests for `key`; raise 429 (with Retry-After) when over the limit."""
+        """Count `cost` requests for `key`; raise 429 (with Retry-After) when they do not fit."""
         item = self.item(key.rate_limit or self.default_rate)
         try:
             allowed = await self._call(self._requests.hit(item, "req", key.name, cost=cost))
@@ -105,6 +119,32 @@ class RateLimiter:
             return {"X-RateLimit-Limit": str(item.amount)}
         headers = budget.headers()
         if not allowed:
+            if cost > item.amount:  # can never fit: no Retry-After to honour forever
+                raise GatewayError(
+                    429,
+                    f"{cost} requests (a batch) are more than the whole rate limit "
+                    f"{item.amount}/{_window_name(item)} of key {key.name!r}; split it",
+                    headers=headers,
+                )
+            headers["Retry-After"] = str(max(1, math.ceil(budget.reset_after)))
+            what = f"{cost} requests (a batch) do not fit" if cost > 1 else "exceeded"
+            raise GatewayError(
+                429,
+                f"rate limit {item.amount}/{_window_name(item)} {what} for key {key.name!r} "
+                f"({budget.remaining} left); retry after {headers['Retry-After']} s",
+                headers=headers,
+            )
+        return headers
+
+    async def check_request(self, key: ApiKey) -> dict[str, str]:
+        """429 if `key` has no request left, without counting one (for work charged later)."""
+        item = self.item(key.rate_limit or self.default_rate)
+        try:
+            budget = await self._budget(self._requests, item, "req", key.name)
+        except _StorageDown:
+            return {}
+        headers = budget.headers()
+        if budget.remaining <= 0:
             headers["Retry-After"] = str(max(1, math.ceil(budget.reset_after)))
             raise GatewayError(
                 429,
@@ -113,6 +153,80 @@ class RateLimiter:
                 headers=headers,
             )
         return headers
+
+    def token_item(self, key: ApiKey) -> RateLimitItem | None:
+        spec = key.token_limit or self.default_tokens
+        return self.item(spec) if spec else None
+
+    async def reserve_tokens(self, key: ApiKey, tokens: int) -> tuple[int, dict[str, str]]:
+        """Take `tokens` from the key's budget before forwarding; 429 if they do not fit.
+
+        Returns what was reserved (0 when Redis is down in open mode: nothing to settle).
+        """
+        item = self.token_item(key)
+        if item is None or tokens <= 0:
+            return 0, {}
+        if tokens > item.amount:
+            # No Retry-After: waiting does not help, and clients that honour it would retry forever.
+            raise GatewayError(
+                429,
+                f"this request needs about {tokens} tokens, more than the whole token budget "
+                f"{item.amount}/{_window_name(item)} of key {key.name!r}; split it",
+            )
+        try:
+            allowed = await self._call(self._tokens.hit(item, "tok", key.name, cost=tokens))
+        except _StorageDown:
+            return 0, {}
+        try:
+            budget = await self._budget(self._tokens, item, "tok", key.name)
+        except _StorageDown:
+            return (tokens, {}) if allowed else (0, {})  # taken: settle it later all the same
+        headers = budget.headers("-Tokens")
+        if not allowed:
+            headers["Retry-After"] = str(max(1, math.ceil(budget.reset_after)))
+            raise GatewayError(
+                429,
+                f"token budget {item.amount}/{_window_name(item)} of key {key.name!r} has "
+                f"{budget.remaining} tokens left; this request needs about {tokens}; "
+                f"retry after {headers['Retry-After']} s",
+                headers=headers,
+            )
+        return tokens, headers
+
+    async def settle_tokens(self, key: ApiKey, reserved: int, used: int | None) -> None:
+        """Correct a reservation by what the backend reported (`None`: it failed, refund all).
+
+        Never raises: the work is done, and a storage failure here must not replace its answer.
+        """
+        used = used or 0
+        try:
+            if used > reserved:
+                await self.add_tokens(key, used - reserved)
+            elif used < reserved:
+                await self._refund(key, reserved - used)
+        except GatewayError:
+            pass  # fail-closed storage down: the reservation stands as the charge
+
+    async def _refund(self, key: ApiKey, tokens: int) -> None:
+        item = self.token_item(key)
+        if item is None:
+            return
+        name = item.key_for("tok", key.name)
+        expiry = item.get_expiry()
+        storage = self.storage
+        try:
+            if isinstance(storage, RedisStorage):
+                _, _, current, _ = await self._call(storage.get_sliding_window(name, expiry))
+                if min(tokens, current) > 0:
+                    # limits has no decrement for Redis; a negative increment of the current
+                    # window's counter is one (clamped above by what it holds).
+                    await self._call(storage.incr(storage._current_window_key(name), expiry * 2,
+                                                  -min(tokens, current)))
+            elif isinstance(storage, MemoryStorage):
+                _, current_key = storage.sliding_window_keys(name, expiry, time.time())
+                await storage.decr(current_key, tokens)  # clamps at zero
+        except _StorageDown:
+            pass
 
     async def check_tokens(self, key: ApiKey) -> dict[str, str]:
         """Refuse a request (429) once the key's token budget is used up."""
@@ -162,22 +276,37 @@ class RateLimiter:
     async def _call(self, coro):  # type: ignore[no-untyped-def]
         if not self.shared:
             return await coro
+        probe = False
+        if self._open_until:
+            if self._probing or time.monotonic() < self._open_until:
+                coro.close()  # never awaited: Redis is skipped while the breaker is open
+                self._fail()
+            self._probing = probe = True
         try:
-            async with asyncio.timeout(REDIS_CALL_TIMEOUT * 2):
-                return await coro
+            async with asyncio.timeout(self.redis_timeout):
+                result = await coro
         except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 - any storage failure
+            self._open_until = time.monotonic() + self.breaker_interval
             if self.on_storage_error is not None:
                 self.on_storage_error()
             now = time.monotonic()
             if now - self._last_warning > 10:
                 self._last_warning = now
-                log.warning("rate-limit storage failed (%s: %s); failing %s",
-                            type(e).__name__, e, self.failure_mode)
-            if self.failure_mode == "closed":
-                raise GatewayError(
-                    503, "rate-limit storage is unavailable", headers={"Retry-After": "1"}
-                ) from None
-            raise _StorageDown from None
+                log.warning("rate-limit storage failed (%s: %s); failing %s for %gs before retrying",
+                            type(e).__name__, e, self.failure_mode, self.breaker_interval)
+            self._fail()
+        finally:
+            if probe:
+                self._probing = False
+        if probe:
+            self._open_until = 0.0
+            log.warning("rate-limit storage is back")
+        return result
+
+    def _fail(self) -> None:
+        if self.failure_mode == "closed":
+            raise GatewayError(503, "rate-limit storage is unavailable", headers={"Retry-After": "1"})
+        raise _StorageDown
 
     async def check_storage(self) -> bool:
         try:
@@ -220,41 +349,3 @@ def sliding_budget(
 def _window_name(item: RateLimitItem) -> str:
     unit = item.GRANULARITY.name
     return unit if item.multiples == 1 else f"{item.multiples} {unit}s"
-
-
-class ConcurrencyGate:
-    """At most `limit` requests upstream at once; the rest queue up to `queue_timeout`."""
-
-    def __init__(self, limit: int, queue_timeout: float) -> None:
-        self.limit = limit
-        self.queue_timeout = queue_timeout
-        self._sem = asyncio.Semaphore(limit)
-        self.in_flight = 0
-        self.waiting = 0
-
-    async def acquire(self) -> float:
-        """Take a slot; return seconds waited. 503 with Retry-After if none in time."""
-        if not self._sem.locked():
-            await self._sem.acquire()  # free slot: returns without suspending
-            self.in_flight += 1
-            return 0.0
-        start = time.perf_counter()
-        self.waiting += 1
-        try:
-            async with asyncio.timeout(self.queue_timeout):
-                await self._sem.acquire()
-        except TimeoutError:
-            raise GatewayError(
-                503,
-                f"gateway busy: {self.limit} requests in flight and no slot freed within "
-                f"{self.queue_timeout:g} s",
-                headers={"Retry-After": "1"},
-            ) from None
-        finally:
-            self.waiting -= 1
-        self.in_flight += 1
-        return time.perf_counter() - start
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        self._sem.release()

@@ -16,15 +16,17 @@ Prompt modes (per model, `prompt:` in the config):
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import orjson
 
 from .errors import GatewayError
-from .gateway import Admission, Gateway
+from .gateway import Admission, Gateway, usage_tokens
 from .protocol import RerankRequest
 from .qwen3 import rerank_document_part, rerank_query_part
-from .upstream import Pool
+from .tokens import WINDOW_CHARS_PER_TOKEN
+from .upstream import Pool, UpstreamResult
 
 
 async def rerank(gw: Gateway, adm: Admission, req: RerankRequest, *, seed_shape: bool) -> dict[str, Any]:
@@ -41,9 +43,15 @@ async def rerank(gw: Gateway, adm: Admission, req: RerankRequest, *, seed_shape:
             "scores meaningless; use max_length to truncate documents instead",
             param="truncate_prompt_tokens",
         )
-    sent = await _truncate(gw, pool, adm, texts, req.max_length) if req.max_length else texts
     instruction = req.instruction or model.instruction or gw.settings.default_instruction
-    scores, tokens = await score(gw, pool, adm, req.query, sent, instruction, req.truncate_prompt_tokens)
+    sent, counts = await _truncate(gw, pool, adm, texts, req.max_length) if req.max_length else (texts, None)
+    if gw.budgets_tokens(adm.key):
+        await gw.reserve_tokens(adm, await _estimate(gw, pool, req.query, sent, instruction, counts))
+    try:
+        scores, tokens = await score(gw, pool, adm, req.query, sent, instruction, req.truncate_prompt_tokens)
+    except BaseException:
+        await gw.refund_tokens(adm)
+        raise
     await gw.charge_tokens(adm, model.name, tokens)
 
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
@@ -68,6 +76,46 @@ async def rerank(gw: Gateway, adm: Admission, req: RerankRequest, *, seed_shape:
             for rank, i in enumerate(order, start=1)
         ]
     return answer
+
+
+SPECIAL_TOKENS = 2  # per pair, beyond the texts (a separator or end token some templates add)
+FALLBACK_PARALLEL = 4  # /tokenize calls in flight per request when the gateway has no tokenizer
+NAME_MAX_CHARS = 1 << 20  # text tokenized at most to name an over-long document
+
+
+async def _estimate(
+    gw: Gateway, pool: Pool, query: str, documents: list[str], instruction: str, counts: list[int] | None
+) -> int:
+    """Tokens the pairs will cost: every pair is the query part plus one document part.
+
+    The Qwen3 template is counted in every prompt mode but `none`: with `server` vLLM adds
+    it, so the texts the gateway sends would understate the cost. `counts` are the documents'
+    token counts when a `max_length` cut already has them.
+    """
+    if pool.model.prompt == "none":
+        query_part, doc_frame = query, ""
+    else:
+        query_part, doc_frame = rerank_query_part(query, instruction), rerank_document_part("")
+    per_pair = await gw.count_tokens(pool.model, [query_part, doc_frame]) + SPECIAL_TOKENS
+    docs = sum(counts) if counts is not None else await gw.count_tokens(pool.model, documents)
+    return per_pair * len(documents) + docs
+
+
+async def estimate_score_tokens(gw: Gateway, pool: Pool, data: dict[str, Any]) -> int:
+    """Tokens a /score passthrough will cost: each pair is one first text plus one second text."""
+    def texts(*fields: str) -> list[str]:
+        for f in fields:
+            v = data.get(f)
+            if isinstance(v, str):
+                return [v]
+            if isinstance(v, list):
+                return [x for x in v if isinstance(x, str)]
+        return []
+
+    first, second = texts("text_1", "queries", "data_1"), texts("text_2", "documents", "items", "data_2")
+    pairs = max(len(first), len(second), 1)
+    first_tokens = await gw.count_tokens(pool.model, first) * (pairs if len(first) == 1 else 1)
+    return first_tokens + await gw.count_tokens(pool.model, second) + SPECIAL_TOKENS * pairs
 
 
 async def score(
@@ -99,6 +147,8 @@ async def score(
         *(gw.call(pool, "/score", orjson.dumps({**base, "text_2": c}), adm.info) for c in chunks),
         return_exceptions=True,
     )
+    # What the backend did for the chunks it answered is charged even if another chunk failed.
+    adm.done_tokens = sum(usage_tokens(a.body) or 0 for a in answers if not isinstance(a, BaseException))
     scores: list[float] = []
     tokens = 0
     for chunk, answer in zip(chunks, answers):
@@ -122,19 +172,44 @@ async def _name_too_long(
     gw: Gateway, pool: Pool, adm: Admission, text_1: str, docs: list[str], error: GatewayError
 ) -> GatewayError:
     """vLLM says "too long" without saying which document; find out with its tokenizer."""
-    async def count(doc: str) -> tuple[int, int]:
-        body = {"model": pool.model.backend_name, "prompt": text_1 + doc}
-        tok = orjson.loads((await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info)).body)
-        return int(tok.get("count", 0)), int(tok.get("max_model_len", 0))
+    tok = gw.tokenizers.get(pool.model.name)
+    limit = 0
+    if tok is not None:
+        limit = _limit_from(error.message)
+        # Only a document longer than the limit in bytes can be too long in tokens, and only
+        # the first limit+1 tokens' worth of it needs counting; past NAME_MAX_CHARS in all, the
+        # backend's own message has to do.
+        window = (limit + 1) * WINDOW_CHARS_PER_TOKEN
+        suspects = [i for i, d in enumerate(docs) if _utf8_len(text_1) + _utf8_len(d) > limit]
+        if not limit or len(text_1) > NAME_MAX_CHARS or \
+                sum(min(len(docs[i]), window) for i in suspects) > NAME_MAX_CHARS:
+            return error
+        query = (await tok.count_many_async([text_1]))[0]
+        found = await tok.count_many_async([docs[i][:window] for i in suspects])
+        counts = [0] * len(docs)
+        for i, n in zip(suspects, found):
+            counts[i] = query + n
+    else:
+        sem = asyncio.Semaphore(FALLBACK_PARALLEL)
 
-    try:
-        counts = await asyncio.gather(*(count(d) for d in docs))
-    except (GatewayError, orjson.JSONDecodeError, ValueError):
+        async def count(doc: str) -> int:
+            nonlocal limit
+            async with sem:
+                body = {"model": pool.model.backend_name, "prompt": text_1 + doc}
+                tok_answer = orjson.loads((await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info)).body)
+            limit = int(tok_answer.get("max_model_len", 0)) or limit
+            return int(tok_answer.get("count", 0))
+
+        try:
+            counts = list(await asyncio.gather(*(count(d) for d in docs)))
+        except (GatewayError, orjson.JSONDecodeError, ValueError, AttributeError, TypeError):
+            return error
+    if not limit:
         return error
-    over = [(i, n, limit) for i, (n, limit) in enumerate(counts) if limit and n > limit]
+    over = [(i, n) for i, n in enumerate(counts) if n > limit]
     if not over:
         return error
-    i, n, limit = over[0]
+    i, n = over[0]
     more = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
     return GatewayError(
         400,
@@ -144,17 +219,58 @@ async def _name_too_long(
     )
 
 
-async def _truncate(gw: Gateway, pool: Pool, adm: Admission, texts: list[str], max_length: int) -> list[str]:
-    """Cut each document (never the template) to `max_length` tokens with the backend's tokenizer."""
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def _field(answer: UpstreamResult, name: str, kind: type) -> Any:
+    """`name` of a /tokenize or /detokenize answer, or a 502 saying the backend sent something else."""
+    try:
+        value = orjson.loads(answer.body)[name]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        value = None
+    if not isinstance(value, kind):
+        raise GatewayError(502, f"backend answered {name!r} of /tokenize or /detokenize with an unexpected body")
+    return value
+
+
+def _limit_from(message: str) -> int:
+    """The model's context length from vLLM's "maximum context length is N tokens" message."""
+    m = re.search(r"maximum (?:context|model) length is (\d+)", message) or re.search(r"max_model_len[^\d]*(\d+)", message)
+    return int(m.group(1)) if m else 0
+
+
+async def _truncate(
+    gw: Gateway, pool: Pool, adm: Admission, texts: list[str], max_length: int
+) -> tuple[list[str], list[int] | None]:
+    """Cut each document (never the template) to `max_length` tokens with the model's tokenizer.
+
+    In the gateway when it has the tokenizer (no upstream call; also gives the kept documents'
+    token counts); otherwise with vLLM's /tokenize and /detokenize, only for documents that
+    can be longer than `max_length` (a token covers at least one byte) and a few at a time.
+    """
+    tok = gw.tokenizers.get(pool.model.name)
+    if tok is not None:
+        # A document of at most max_length bytes has at most max_length tokens: not tokenized.
+        long = [i for i, t in enumerate(texts) if _utf8_len(t) > max_length]
+        if len(long) == len(texts):
+            return await tok.truncate_count_many_async(texts, max_length)
+        cut, _ = await tok.truncate_count_many_async([texts[i] for i in long], max_length)
+        out = list(texts)
+        for i, kept in zip(long, cut):
+            out[i] = kept
+        return out, None
+    sem = asyncio.Semaphore(FALLBACK_PARALLEL)
 
     async def one(text: str) -> str:
-        body = {"model": pool.model.backend_name, "prompt": text, "add_special_tokens": False}
-        tok = orjson.loads((await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info)).body)
-        ids = tok.get("tokens") or []
-        if len(ids) <= max_length:
+        if _utf8_len(text) <= max_length:
             return text
-        back = {"model": pool.model.backend_name, "tokens": ids[:max_length]}
-        out = orjson.loads((await gw.call(pool, "/detokenize", orjson.dumps(back), adm.info)).body)
-        return str(out.get("prompt", ""))
+        async with sem:
+            body = {"model": pool.model.backend_name, "prompt": text, "add_special_tokens": False}
+            ids = _field(await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info), "tokens", list)
+            if len(ids) <= max_length:
+                return text
+            back = {"model": pool.model.backend_name, "tokens": ids[:max_length]}
+            return _field(await gw.call(pool, "/detokenize", orjson.dumps(back), adm.info), "prompt", str)
 
-    return list(await asyncio.gather(*(one(t) for t in texts)))
+    return list(await asyncio.gather(*(one(t) for t in texts))), None

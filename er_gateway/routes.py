@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
-from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from fastapi import APIRouter
@@ -17,11 +17,13 @@ from .embeddings import create_embeddings
 from .errors import GatewayError
 from .gateway import Admission, Gateway, api_key_of, usage_tokens, use_backend_name
 from .protocol import EmbeddingRequest, RerankRequest
-from .rerank import rerank
+from .requestbody import check_batch, check_documents, check_inputs, read_json, validate
+from .rerank import estimate_score_tokens, rerank
 from .status_page import STATUS_HTML
 
 router = APIRouter()
-M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("er_gateway")
+BATCH_PARALLEL = 4  # items of one /batch_rerank in flight at once
 _STARTED = int(time.time())
 
 
@@ -43,66 +45,6 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit`."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            too_big = int(declared) > limit
-        except ValueError:
-            raise GatewayError(400, "invalid Content-Length header") from None
-        if too_big:
-            raise GatewayError(413, f"request body is {declared} bytes; the limit is {limit}")
-        return await request.body()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise GatewayError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_json(request: Request, gw: Gateway) -> tuple[Any, bytes]:
-    raw = await read_body(request, gw.settings.max_body_bytes)
-    if not raw.strip():
-        raise GatewayError(400, "request body is empty; send a JSON object")
-    try:
-        return orjson.loads(raw), raw
-    except orjson.JSONDecodeError as e:
-        raise GatewayError(400, f"malformed JSON: {e}") from None
-
-
-def validate(model: type[M], data: Any) -> M:
-    if not isinstance(data, dict):
-        raise GatewayError(400, "request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise validation_error(e) from None
-
-
-def validation_error(e: ValidationError) -> GatewayError:
-    errors = e.errors(include_url=False)
-    first = errors[0]
-    field = str(first["loc"][0]) if first["loc"] else "body"
-    # A union (e.g. `input`) reports one error per member; say what is accepted instead.
-    if sum(1 for x in errors if x["loc"] and str(x["loc"][0]) == field) > 1 and field in UNION_HINTS:
-        return GatewayError(400, f"'{field}' must be {UNION_HINTS[field]}", param=field)
-    if first["type"] == "missing":
-        return GatewayError(400, f"'{field}' is required", param=field)
-    where = ".".join(str(p) for p in first["loc"])
-    msg = str(first["msg"]).removeprefix("Value error, ")
-    return GatewayError(400, f"'{where}': {msg}", param=field)
-
-
-UNION_HINTS = {
-    "input": "a non-empty string, a list of strings, a list of token ids or a list of lists of token ids",
-    "documents": "a non-empty list of strings or of {\"text\": ...} objects",
-}
-
-
 # ---- OpenAI ---------------------------------------------------------------------------------
 @router.get("/v1/models")
 async def list_models(request: Request) -> Response:
@@ -121,7 +63,9 @@ async def list_models(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     gw = gateway_of(request)
     adm = await gw.admit(request, "/v1/embeddings")
-    data, raw = await read_json(request, gw)
+    data, raw = await read_json(request, gw.settings)
+    if isinstance(data, dict):
+        check_inputs(data, gw.settings)
     req = validate(EmbeddingRequest, data)
     return await create_embeddings(gw, adm, req, data, raw)
 
@@ -130,7 +74,9 @@ async def embeddings(request: Request) -> Response:
 async def _rerank_route(request: Request, route: str, seed_shape: bool) -> Response:
     gw = gateway_of(request)
     adm = await gw.admit(request, route)
-    data, _ = await read_json(request, gw)
+    data, _ = await read_json(request, gw.settings)
+    if isinstance(data, dict):
+        check_documents(data, gw.settings)
     req = validate(RerankRequest, data)
     return json_response(await rerank(gw, adm, req, seed_shape=seed_shape), headers=adm.headers)
 
@@ -154,29 +100,37 @@ async def rerank_seed(request: Request) -> Response:
 async def batch_rerank(request: Request) -> Response:
     """A list of rerank requests → a list of answers or error objects, in the same order.
 
-    Each item is one request against the key's rate limit; items over the limit
-    get their own 429 error object while the others are served.
+    The batch is charged its item count against the key's rate limit before any work (429 if
+    they do not fit) and its items run a few at a time; a bad item gets its own error object
+    while the others are served.
     """
     gw = gateway_of(request)
     adm = await gw.admit(request, "/batch_rerank", cost=0)
-    data, _ = await read_json(request, gw)
+    adm.headers.update(await gw.limiter.check_request(adm.key))  # an exhausted key sends no body
+    data, _ = await read_json(request, gw.settings)
     items = data.get("requests") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise GatewayError(400, "body must be a non-empty JSON list of rerank requests (or {\"requests\": [...]})",
                            param="requests")
+    check_batch(items, gw.settings)
     adm.info.items = len(items)
+    adm.headers.update(await gw.limiter.hit_request(adm.key, cost=len(items)))
+    parallel = asyncio.Semaphore(min(BATCH_PARALLEL, gw.settings.per_key_concurrency))
 
     async def one(item: Any) -> dict[str, Any]:
         try:
-            headers = await gw.limiter.hit_request(adm.key)
-            adm.headers.update(headers)
+            if isinstance(item, dict):
+                check_documents(item, gw.settings)
             req = validate(RerankRequest, item)
-            sub = Admission(adm.key, adm.headers, adm.info)
-            return await rerank(gw, sub, req, seed_shape=True)
+            async with parallel:
+                return await rerank(gw, Admission(adm.key, adm.headers, adm.info), req, seed_shape=True)
         except GatewayError as e:
             if e.status == 429:
                 adm.headers.update({k: v for k, v in e.headers.items() if k.startswith("X-RateLimit")})
             return e.payload()
+        except Exception:  # noqa: BLE001 - one item's bug must not fail the other items
+            log.exception("unexpected error in a /batch_rerank item")
+            return GatewayError(500, "internal gateway error; see the gateway log").payload()
 
     results = await asyncio.gather(*(one(i) for i in items))
     return json_response(results, headers=adm.headers)
@@ -188,9 +142,10 @@ async def batch_rerank(request: Request) -> Response:
 async def score_passthrough(request: Request) -> Response:
     gw = gateway_of(request)
     adm = await gw.admit(request, "/score")
-    data, raw = await read_json(request, gw)
+    data, raw = await read_json(request, gw.settings)
     if not isinstance(data, dict):
         raise GatewayError(400, "request body must be a JSON object")
+    check_documents(data, gw.settings, ("text_2", "documents", "items", "data_2"))
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise GatewayError(400, "'model' must be a string", param="model")
@@ -208,7 +163,13 @@ async def score_passthrough(request: Request) -> Response:
     pool = gw.resolve(model, "rerank", adm.key)
     adm.info.model = pool.model.name
     body = orjson.dumps(data) if use_backend_name(data, pool) else raw
-    result = await gw.call(pool, "/score", body, adm.info)
+    if gw.budgets_tokens(adm.key):
+        await gw.reserve_tokens(adm, await estimate_score_tokens(gw, pool, data))
+    try:
+        result = await gw.call(pool, "/score", body, adm.info)
+    except BaseException:
+        await gw.refund_tokens(adm)
+        raise
     await gw.charge_tokens(adm, pool.model.name, usage_tokens(result.body))
     return Response(result.body, media_type="application/json", headers=adm.headers)
 

@@ -90,10 +90,12 @@ class Settings(BaseModel):
     timeout: float = Field(600.0, gt=0)
     connect_timeout: float = Field(5.0, gt=0)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_json_values: int = Field(1_000_000, ge=1000)
     max_inputs: int = Field(2048, ge=1)
     max_documents: int = Field(1000, ge=1)
     max_batch_items: int = Field(64, ge=1)
     header_timeout: float = Field(10.0, gt=0)
+    body_timeout: float = Field(60.0, gt=0)
     max_header_bytes: int = Field(64 * 1024, ge=1024)
     keepalive_timeout: float = Field(5.0, gt=0)
     max_connections: int = Field(4096, ge=1)
@@ -234,11 +236,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout", "total upstream timeout in seconds (504 after)", "S"),
     Option("connect_timeout", "upstream connect timeout in seconds", "S"),
     Option("max_body_bytes", "largest request body accepted (413 above)", "N"),
+    Option("max_json_values", "most JSON values (array items, object members) in a request body, counted "
+           "as it arrives; bounds what parsing a body costs (413 above)", "N"),
     Option("max_inputs", "most inputs in one embeddings request (400 above)", "N"),
     Option("max_documents", "most documents in one rerank request (400 above)", "N"),
     Option("max_batch_items", "most requests in one /batch_rerank (400 above)", "N"),
     Option("header_timeout", "seconds a client may take to send a request's headers (connection closed after)",
            "S"),
+    Option("body_timeout", "seconds a client may take to send a request's body (408 after)", "S"),
     Option("max_header_bytes", "largest request head (request line + headers) accepted (431 above)", "N"),
     Option("keepalive_timeout", "seconds an idle keep-alive connection is kept open", "S"),
     Option("max_connections", "most client connections open at once; more are closed at once, with a log line",

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import GatewayError, parse_backend_error
+from .observability import log_field
 from .httpclient import ConnectError, DisconnectError, HTTPPool, ProtocolError, TooLargeError, UpstreamError
 from .settings import ModelConfig, Settings
 
@@ -177,7 +178,8 @@ class Pool:
             replica.healthy = False
         if self.on_error is not None:
             self.on_error(self.model.name, str(self.replicas.index(replica)), kind)  # type: ignore[operator]
-        log.warning("replica %s of %s failed (%s): %s", replica.url, self.model.name, kind, message)
+        # `message` comes from the backend's body: escaped, so a hostile upstream cannot forge log lines.
+        log.warning("replica %s of %s failed (%s): %s", replica.url, self.model.name, kind, log_field(message))
 
 
 class Upstreams:

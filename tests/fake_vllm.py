@@ -6,6 +6,10 @@ Faults vLLM cannot be made to produce on demand are switched on with
 POST /_admin (delay, 500, 503, garbage, flat pre-0.10.1 errors, hang,
 drop the connection). GET /_stats reports concurrency and the last headers.
 
+`--step-time T --step-capacity K` model vLLM's scheduler: requests queue first come, first
+served, and every T seconds one engine step processes up to K items (inputs or documents;
+a request finishes in the step that processes its last item), like max_num_seqs = K.
+
 With a key (VLLM_API_KEY in the environment, or --api-key) it guards exactly
 what vLLM 0.32's AuthenticationMiddleware guards and no more: paths starting
 with /v1, /v2, /inference or /cohere answer 401 {"error": "Unauthorized"}
@@ -52,6 +56,46 @@ def pair_score(q: str, d: str) -> float:
     return round(0.8 * overlap + 0.2 * jitter, 6)
 
 
+class Engine:
+    """First come, first served steps of at most `capacity` items, `step` seconds each."""
+
+    def __init__(self, capacity: int, step: float) -> None:
+        self.capacity, self.step = capacity, step
+        self.queue: list[list[Any]] = []  # [items left, future]
+        self.running = False
+
+    async def run(self, items: int) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.append([max(1, items), fut])
+        if not self.running:
+            self.running = True
+            asyncio.create_task(self._loop())
+        await fut
+
+    async def _loop(self) -> None:
+        while self.queue:
+            budget, done = self.capacity, []
+            while budget and self.queue:
+                head = self.queue[0]
+                take = min(budget, head[0])
+                head[0] -= take
+                budget -= take
+                if head[0]:
+                    break
+                done.append(self.queue.pop(0)[1])
+            await asyncio.sleep(self.step)
+            for f in done:
+                f.set_result(None)
+        self.running = False
+
+
+def items_of(data: dict[str, Any]) -> int:
+    inputs = data.get("input", data.get("text_2"))
+    if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int):
+        return len(inputs)
+    return 1
+
+
 def count_tokens(item: str | list[int]) -> int:
     return len(item) if isinstance(item, list) else len(item.split()) + 1
 
@@ -72,6 +116,7 @@ class Fake:
         self.last_headers: dict[str, str] = {}
         self.last_body: Any = None
         self.flat_errors = args.flat_errors
+        self.engine = Engine(args.step_capacity, args.step_time) if args.step_time else None
 
     # --- helpers ---------------------------------------------------------------------------
     def error(self, status: int, message: str, etype: str, param: str | None = None) -> web.Response:
@@ -116,6 +161,8 @@ class Fake:
             self.last_body = data
             if not isinstance(data, dict):
                 return self.error(400, "Input should be a valid dictionary", "BadRequestError")
+            if self.engine is not None:
+                await self.engine.run(items_of(data))
             return await handler(data)
         finally:
             self.current -= 1
@@ -320,6 +367,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--matryoshka", action="store_true")
     p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--step-time", type=float, default=0.0, help="seconds per engine step (0: no engine)")
+    p.add_argument("--step-capacity", type=int, default=256, help="items per engine step")
     p.add_argument("--flat-errors", action="store_true", help="answer errors like vLLM < 0.10.1")
     p.add_argument("--api-key", help="like vLLM: require this bearer key on /v1 (default: $VLLM_API_KEY)")
     args = p.parse_args()

@@ -118,7 +118,7 @@ def test_workers_share_limits_through_redis(tmp_path: Path, backends) -> None:  
 def test_600_concurrent_requests_never_more_than_500_upstream(tmp_path: Path) -> None:
     slow = start_backend(tmp_path, "embedding", extra=["--delay", "1.5"])
     gw = start_gateway(tmp_path, "--embedding-url", slow.url, "--reranker-url", slow.url,
-                       "--max-concurrency", "500", "--queue-timeout", "0.5")
+                       "--max-concurrency", "500", "--max-concurrency-per-key", "500", "--queue-timeout", "0.5")
     try:
         async def run() -> list[tuple[int, str | None]]:
             conn = aiohttp.TCPConnector(limit=0)
@@ -210,17 +210,21 @@ def test_query_string_key_is_not_logged(tmp_path: Path, backends) -> None:  # ty
 
 
 def test_token_budget_per_key(tmp_path: Path, backends) -> None:  # type: ignore[no-untyped-def]
+    """Tokens are reserved before forwarding (here an upper bound: the stand-in model has no
+    tokenizer.json, so 7 bytes + 2 special tokens = 9) and settled to what vLLM reports (5)."""
     gw = start_gateway(tmp_path, *backend_args(*backends))
     try:
-        key = new_key(gw, "--name", "tok", "--tpm", "10", hup=True)
+        key = new_key(gw, "--name", "tok", "--tpm", "20", hup=True)
         r = gw.post("/v1/embeddings", {"input": "a b c d"}, key=key)  # the stand-in counts 5 tokens
         assert r.status_code == 200
-        assert r.headers["X-RateLimit-Limit-Tokens"] == "10" and r.headers["X-RateLimit-Remaining-Tokens"] == "10"
+        assert r.headers["X-RateLimit-Limit-Tokens"] == "20" and r.headers["X-RateLimit-Remaining-Tokens"] == "11"
         r = gw.post("/v1/embeddings", {"input": "a b c d"}, key=key)
-        assert r.headers["X-RateLimit-Remaining-Tokens"] == "5"  # counted after the first answer
+        assert r.headers["X-RateLimit-Remaining-Tokens"] == "6"  # 20 - 5 settled - 9 reserved
         r = gw.post("/v1/embeddings", {"input": "a b c d"}, key=key)
-        assert r.status_code == 429 and "token budget" in r.json()["error"]["message"]
-        assert r.headers["X-RateLimit-Remaining-Tokens"] == "0" and int(r.headers["Retry-After"]) >= 1
+        assert r.headers["X-RateLimit-Remaining-Tokens"] == "1"  # 20 - 10 - 9
+        r = gw.post("/v1/embeddings", {"input": "a b c d"}, key=key)  # 5 left, 9 needed: refused up front
+        assert r.status_code == 429 and "has 5 tokens left; this request needs about 9" in r.json()["error"]["message"]
+        assert r.headers["X-RateLimit-Remaining-Tokens"] == "5" and int(r.headers["Retry-After"]) >= 1
         assert r.headers["X-RateLimit-Limit"] == "100"  # the request-limit family is there too
     finally:
         gw.stop()

@@ -1,8 +1,9 @@
-"""Rate-limit arithmetic and the concurrency gate (unit level; integration tests use real gateways)."""
+"""Rate-limit arithmetic, token reservations and the Redis breaker (unit level; integration tests use real gateways)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 
@@ -10,7 +11,7 @@ import pytest
 
 from er_gateway.errors import GatewayError
 from er_gateway.keys import ApiKey
-from er_gateway.ratelimit import ConcurrencyGate, RateLimiter, sliding_budget
+from er_gateway.ratelimit import RateLimiter, sliding_budget
 
 KEY = ApiKey(name="k", hash="h", created="")
 
@@ -78,18 +79,117 @@ async def test_per_key_override() -> None:
     await limiter.hit_request(KEY)
 
 
-async def test_concurrency_gate_queues_then_503() -> None:
-    gate = ConcurrencyGate(2, queue_timeout=0.2)
-    assert await gate.acquire() == 0 and await gate.acquire() == 0
+# ---- token reservations ---------------------------------------------------------------------
+TPM = ApiKey(name="tpm", hash="t", created="", token_limit="100/minute")
 
-    async def later() -> None:
-        await asyncio.sleep(0.05)
-        gate.release()
 
-    asyncio.create_task(later())
-    waited = await gate.acquire()
-    assert 0.03 < waited < 0.2
+async def _remaining_tokens(limiter: RateLimiter, key: ApiKey = TPM) -> int:
+    try:
+        return int((await limiter.check_tokens(key))["X-RateLimit-Remaining-Tokens"])
+    except GatewayError:
+        return 0
+
+
+async def test_a_request_larger_than_the_whole_budget_is_refused_up_front() -> None:
+    limiter = RateLimiter("100/minute", None)
     with pytest.raises(GatewayError) as e:
-        await gate.acquire()
-    assert e.value.status == 503 and e.value.headers["Retry-After"] == "1"
-    assert gate.in_flight == 2 and gate.waiting == 0
+        await limiter.reserve_tokens(TPM, 100_000)
+    assert e.value.status == 429 and "more than the whole token budget" in e.value.message
+    assert await _remaining_tokens(limiter) == 100  # nothing was taken
+
+
+async def test_concurrent_reservations_never_overshoot_the_budget() -> None:
+    limiter = RateLimiter("100/minute", None)
+    results = await asyncio.gather(*(limiter.reserve_tokens(TPM, 10) for _ in range(20)), return_exceptions=True)
+    granted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, GatewayError) and r.status == 429]
+    assert sum(r[0] for r in granted) == 100 and len(refused) == 10
+    assert await _remaining_tokens(limiter) == 0
+
+
+@pytest.mark.parametrize("used, left", [(20, 80), (50, 50), (70, 30), (None, 100)])
+async def test_settling_refunds_or_charges_the_difference(used: int | None, left: int) -> None:
+    limiter = RateLimiter("100/minute", None)
+    reserved, _ = await limiter.reserve_tokens(TPM, 50)
+    await limiter.settle_tokens(TPM, reserved, used)
+    assert await _remaining_tokens(limiter) == left
+
+
+async def test_settling_in_redis(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from conftest import start_redis
+
+    redis = start_redis(tmp_path)
+    try:
+        limiter = RateLimiter("100/minute", None, redis.url)
+        reserved, _ = await limiter.reserve_tokens(TPM, 50)
+        assert await _remaining_tokens(limiter) == 50
+        await limiter.settle_tokens(TPM, reserved, 20)
+        assert await _remaining_tokens(limiter) == 80
+        await limiter.settle_tokens(TPM, 0, 30)
+        assert await _remaining_tokens(limiter) == 50
+    finally:
+        redis.stop()
+
+
+# ---- Redis breaker ----------------------------------------------------------------------------
+async def _hung_redis() -> tuple[asyncio.base_events.Server, int, list[asyncio.StreamWriter]]:
+    """A server that accepts connections and never answers: the worst Redis there is."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], held
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_a_hung_redis_costs_one_timeout_per_breaker_interval(mode: str) -> None:
+    server, port, held = await _hung_redis()
+    limiter = RateLimiter("100/minute", "1000/minute", f"redis://127.0.0.1:{port}/0", mode,  # type: ignore[arg-type]
+                          redis_timeout=0.3, breaker_interval=1.0)
+    costs = []
+    try:
+        for _ in range(20):
+            start = time.monotonic()
+            try:
+                await limiter.hit_request(KEY)
+                await limiter.reserve_tokens(TPM, 5)
+                outcome = "served"
+            except GatewayError as e:
+                outcome = str(e.status)
+            costs.append(time.monotonic() - start)
+            assert outcome == ("served" if mode == "open" else "503")
+        # the first request pays one timeout; the other 19 skip Redis while the breaker is open
+        assert 0.25 < costs[0] < 0.6, costs
+        assert sum(costs[1:]) < 0.05, costs
+        await asyncio.sleep(1.05)  # interval over: one request tries Redis again and pays once more
+        start = time.monotonic()
+        with pytest.raises(GatewayError) if mode == "closed" else contextlib.nullcontext():
+            await limiter.hit_request(KEY)
+        assert 0.25 < time.monotonic() - start < 0.6
+    finally:
+        server.close()
+        for w in held:
+            w.close()
+
+
+async def test_breaker_closes_when_redis_answers_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from conftest import start_redis
+
+    redis = start_redis(tmp_path)
+    limiter = RateLimiter("3/minute", None, redis.url, redis_timeout=0.3, breaker_interval=0.2)
+    try:
+        limiter._open_until = time.monotonic() + 0.2  # as after a failure
+        for _ in range(5):
+            await limiter.hit_request(KEY)  # skipped: fail open, nothing counted
+        await asyncio.sleep(0.25)
+        for _ in range(3):
+            await limiter.hit_request(KEY)  # the probe succeeds and counting resumes
+        with pytest.raises(GatewayError) as e:
+            await limiter.hit_request(KEY)
+        assert e.value.status == 429 and limiter._open_until == 0.0
+    finally:
+        redis.stop()

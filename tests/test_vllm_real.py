@@ -14,6 +14,7 @@ import json
 import math
 import os
 import secrets
+import signal
 import struct
 import subprocess
 import time
@@ -127,7 +128,10 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     common = ["--embedding-model", EMB_NAME, "--reranker-model", RER_NAME, "--health-interval", "1"]
     backend = {"ER_BACKEND_API_KEY": key}
     gw = start_gateway(tmp / "gw", "--embedding-url", urls[0], "--reranker-url", urls[1], *common, env=backend)
+    # This one counts and cuts tokens itself, with the models' own tokenizer.json files.
     gw_s = start_gateway(tmp / "gw-server", "--embedding-url", urls[0], "--reranker-url", urls[3],
+                         "--embedding-tokenizer", str(models / "tiny-qwen3-embedding"),
+                         "--reranker-tokenizer", str(models / "tiny-qwen3-reranker"),
                          *common, env={**backend, "RERANKER_PROMPT": "server"})
     gw_split = start_gateway(tmp / "gw-split", "--embedding-url", f"{urls[0]},{urls[2]}", "--reranker-url", urls[1],
                              "--max-batch-inputs", "3", "--max-batch-docs", "2", *common, env=backend)
@@ -222,6 +226,34 @@ def test_max_length_truncates_documents_not_the_template(tier: Tier) -> None:
     assert long_doc in texts  # the client gets its own document back, uncut
 
 
+def test_max_length_cut_in_the_gateway_matches_vllm(tier: Tier) -> None:
+    """gw_s cuts with the tokenizer.json itself (no /tokenize call); the cut equals vLLM's."""
+    long_doc = "Paris is the capital of France and a large city with many museums and parks " * 4
+    cut = tier.reference("truncate", [[long_doc, 8]])[0]
+    r = tier.gw_server_mode.post("/rerank", {"query": QUERY, "documents": [long_doc, DOCS[1]], "max_length": 8})
+    assert r.status_code == 200, r.text
+    cut_scores = tier.gw_server_mode.post("/rerank", {"query": QUERY, "documents": [cut, DOCS[1]]}).json()["scores"]
+    assert r.json()["scores"] == cut_scores
+    fallback = tier.gw.post("/rerank", {"query": QUERY, "documents": [long_doc, DOCS[1]], "max_length": 8})
+    assert fallback.status_code == 200
+    assert "tokenizer for " + RER_NAME in (tier.gw_server_mode.logs / "embedding_reranker_proxy.log").read_text()
+
+
+def test_token_budget_reserved_with_the_tokenizer_is_settled_to_vllm_usage(tier: Tier) -> None:
+    r = tier.gw_server_mode.cli("keys", "create", "--name", "budget", "--tpm", "100000")
+    key = r.stdout.strip()
+    os.kill(tier.gw_server_mode.proc.pid, signal.SIGHUP)
+    time.sleep(0.3)
+    first = tier.gw_server_mode.post("/v1/rerank", {"query": QUERY, "documents": DOCS}, key=key)
+    assert first.status_code == 200, first.text
+    used = first.json()["usage"]["total_tokens"]
+    reserved_left = int(first.headers["X-RateLimit-Remaining-Tokens"])  # after this request's reservation
+    # the estimate (tokenizer counts + the template the server adds) is within a few tokens per pair
+    assert abs((100000 - reserved_left) - used) <= 3 * len(DOCS) + 4, (100000 - reserved_left, used)
+    settled = tier.gw_server_mode.get("/v1/models", key=key)  # spends no tokens; shows the budget as settled
+    assert int(settled.headers["X-RateLimit-Remaining-Tokens"]) == 100000 - used
+
+
 def test_errors_from_vllm_arrive_intact(tier: Tier) -> None:
     long = " ".join(["word"] * 700)
     r = tier.gw.post("/v1/embeddings", {"input": long})
@@ -232,6 +264,8 @@ def test_errors_from_vllm_arrive_intact(tier: Tier) -> None:
     e = r.json()["error"]  # vLLM does not say which document; the gateway finds out and says so
     assert r.status_code == 400 and "document 1 is too long" in e["message"] and "512" in e["message"]
     assert e["param"] == "documents[1]"
+    r = tier.gw_server_mode.post("/v1/rerank", {"query": QUERY, "documents": [DOCS[0], long]})  # counted in the gateway
+    assert r.status_code == 400 and "document 1 is too long" in r.json()["error"]["message"], r.text
     r = tier.gw.post("/v1/embeddings", {"model": "no-such-model", "input": "x"})
     assert r.status_code == 404 and EMB_NAME in r.json()["error"]["message"]
 
