@@ -258,20 +258,30 @@ class Gateway:
             ]
         }
 
-    def health(self, *, admin: bool = False) -> tuple[int, dict[str, Any]]:
-        """Readiness per model and replica; replica URLs only for an admin key."""
+    def health(self, *, admin: bool = False, model: str | None = None) -> tuple[int, dict[str, Any]]:
+        """Readiness per model and replica; replica URLs only for an admin key.
+
+        200 while at least one model can serve (a host may serve only a reranker, and one model
+        being down must not take the other out of a load balancer); 503 when none can. With
+        `model`, that model's readiness alone: 200 if it can serve, 503 if not, 404 if unknown.
+        """
         models: dict[str, Any] = {}
-        up_by_kind: dict[str, bool] = {}
         all_up = True
         for name, pool in self.upstreams.pools.items():
             states = [r.state(i, with_url=admin) for i, r in enumerate(pool.replicas)]
-            models[name] = {"kind": pool.model.kind, "replicas": states}
-            up = any(s["healthy"] for s in states)
-            up_by_kind[pool.model.kind] = up_by_kind.get(pool.model.kind, False) or up
+            ready = any(s["healthy"] for s in states)
+            models[name] = {"kind": pool.model.kind, "ready": ready, "replicas": states}
             all_up = all_up and all(s["healthy"] for s in states)
-        loaded = bool(up_by_kind) and all(up_by_kind.values())
-        status = "healthy" if loaded and all_up else "degraded" if loaded else "unhealthy"
-        return (200 if loaded else 503), {"status": status, "model_loaded": loaded, "models": models}
+        if model is not None:
+            config = self.models_by_name.get(model)
+            if config is None:
+                return 404, GatewayError(404, f"model {model!r} not found; available models: {self._names()}",
+                                         param="model").payload()
+            entry = models[config.name]
+            return (200 if entry["ready"] else 503), {"model": config.name, **entry}
+        serving = any(m["ready"] for m in models.values())
+        status = "healthy" if all_up and serving else "degraded" if serving else "unhealthy"
+        return (200 if serving else 503), {"status": status, "model_loaded": serving, "models": models}
 
     def status_snapshot(self, *, admin: bool = False) -> dict[str, Any]:
         """Everything the /status page shows: health plus the last minute of traffic."""

@@ -186,7 +186,7 @@ async def reload_model(request: Request) -> Response:
 @router.get("/health")
 async def health(request: Request) -> Response:
     gw = gateway_of(request)
-    status, body = gw.health(admin=gw.is_admin(request))
+    status, body = gw.health(admin=gw.is_admin(request), model=request.query_params.get("model"))
     return json_response(body, status=status)
 
 

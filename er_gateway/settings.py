@@ -135,17 +135,14 @@ class Settings(BaseModel):
     def _fill_models(self) -> Settings:
         # Without a `models:` list the flags describe one embedding and one reranker model.
         if not self.models:
-            self.models = [
-                ModelConfig(name=self.embedding_model, kind="embedding", urls=self.embedding_urls,
-                            tokenizer=self.embedding_tokenizer),
-                ModelConfig(
-                    name=self.reranker_model,
-                    kind="rerank",
-                    urls=self.reranker_urls,
-                    prompt=self.reranker_prompt,
-                    tokenizer=self.reranker_tokenizer,
-                ),
-            ]
+            if self.embedding_urls:
+                self.models.append(ModelConfig(name=self.embedding_model, kind="embedding",
+                                               urls=self.embedding_urls, tokenizer=self.embedding_tokenizer))
+            if self.reranker_urls:
+                self.models.append(ModelConfig(name=self.reranker_model, kind="rerank", urls=self.reranker_urls,
+                                               prompt=self.reranker_prompt, tokenizer=self.reranker_tokenizer))
+            if not self.models:
+                raise ValueError("no model to serve: --embedding-url and --reranker-url are both `none`")
         names: set[str] = set()
         for m in self.models:
             for n in (m.name, *m.aliases):
@@ -182,6 +179,8 @@ def backend_urls(value: Any) -> Any:
     if not isinstance(value, (str, list, tuple)):
         return value  # pydantic reports the wrong type
     urls = split_urls(value) if isinstance(value, str) else [str(u).strip().rstrip("/") for u in value]
+    if urls == ["none"]:
+        return []  # `--embedding-url none`: a host that serves only the other model
     for u in urls:
         check_backend_url(u)
     return urls
@@ -208,9 +207,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "address to listen on", "ADDR"),
     Option("port", "port to listen on", "PORT"),
     Option("config", "YAML or TOML config file (same keys as the flags, plus a `models:` list)", "FILE"),
-    Option("embedding_urls", "embedding vLLM replica URL(s), comma-separated", "URL[,URL...]", "--embedding-url"),
+    Option("embedding_urls", "embedding vLLM replica URL(s), comma-separated; `none` for a host without an "
+           "embedding model", "URL[,URL...]", "--embedding-url"),
     Option("embedding_model", "name of the default embedding model (vLLM --served-model-name)", "NAME"),
-    Option("reranker_urls", "reranker vLLM replica URL(s), comma-separated", "URL[,URL...]", "--reranker-url"),
+    Option("reranker_urls", "reranker vLLM replica URL(s), comma-separated; `none` for a host without a "
+           "reranker", "URL[,URL...]", "--reranker-url"),
     Option("reranker_model", "name of the default reranker model", "NAME"),
     Option("reranker_prompt", "who applies the Qwen3-Reranker prompt: gateway | server | none", "MODE"),
     Option("embedding_tokenizer", "the embedding model's tokenizer.json or its directory (default: found in "

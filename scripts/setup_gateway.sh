@@ -16,5 +16,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 spec="."
 [ -n "${EXTRAS:-}" ] && spec=".[${EXTRAS}]"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec" 2>&1 | grep -v "^WARNING: Location" || true
+# The pinned run-time set first (requirements.txt, what `pip install -r requirements.txt` gives a user),
+# then the package itself and any extras on top of it.
+pip_install() {
+  local out
+  if ! out=$(.venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1); then
+    echo "$out" >&2; echo "error: pip install $* failed" >&2; exit 1
+  fi
+  printf '%s\n' "$out" | grep -v -e "^WARNING: Location" -e '^$' || true
+}
+pip_install -r requirements.txt
+pip_install -e "$spec"
 .venv/bin/python -c 'import er_gateway.app' 

@@ -176,3 +176,28 @@ def test_cli_version_of_help_matches_readme() -> None:
                  "--workers", "--log-format", "--max-body-bytes", "--backend-api-key"):
         assert flag in r.stdout and flag in readme
     assert sys.version_info >= (3, 11)
+
+
+def test_requirements_txt_pins_every_dependency_within_pyproject() -> None:
+    """requirements.txt (seed 000's `pip install -r requirements.txt`) cannot rot: CI installs from
+    it (scripts/setup_gateway.sh) and every pyproject dependency is pinned inside its range."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not pinned: {line}"
+            pins[canonicalize_name(name)] = version.strip()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is in pyproject.toml but not pinned in requirements.txt"
+        assert req.specifier.contains(pins[name]), f"{req.name}=={pins[name]} is outside {req.specifier}"
+    assert "-r requirements.txt" in (ROOT / "scripts" / "setup_gateway.sh").read_text()
+    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]["text"] == "Apache-2.0"

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import EMB, RER, Stack, start_backend, start_gateway, wait_until
+from conftest import EMB, RER, Stack, run_cli, start_backend, start_gateway, wait_until
 from er_gateway.qwen3 import embedding_query, rerank_document_part, rerank_query_part
 from er_gateway.settings import DEFAULT_INSTRUCTION
 
@@ -159,15 +159,43 @@ def test_health_degraded_and_unhealthy(tmp_path: Path) -> None:
         bad = [r for r in h.json()["models"][EMB]["replicas"] if not r["healthy"]]
         assert bad[0]["replica"] == 1 and bad[0]["last_error"]
         e1.stop()
-        wait_until(lambda: httpx.get(gw.url + "/health").status_code == 503, 5, "unhealthy")
-        h = httpx.get(gw.url + "/health").json()
-        assert h["status"] == "unhealthy" and h["model_loaded"] is False
+        # no embedding replica left: that model is not ready, but the reranker still serves
+        wait_until(lambda: httpx.get(gw.url + f"/health?model={EMB}").status_code == 503, 5, "embedding down")
+        h = httpx.get(gw.url + "/health")
+        assert h.status_code == 200 and h.json()["status"] == "degraded" and h.json()["model_loaded"] is True
+        assert h.json()["models"][EMB]["ready"] is False and h.json()["models"][RER]["ready"] is True
+        assert httpx.get(gw.url + f"/health?model={RER}").status_code == 200
+        missing = httpx.get(gw.url + "/health?model=nope")
+        assert missing.status_code == 404 and RER in missing.json()["error"]["message"]
         start = time.monotonic()
         r = gw.post("/v1/embeddings", {"input": "x"})
         assert r.status_code == 503 and "Retry-After" in r.headers and time.monotonic() - start < 1
+        assert gw.post("/v1/rerank", {"query": "q", "documents": ["d"]}).status_code == 200
+        rer.stop()  # now nothing can serve
+        wait_until(lambda: httpx.get(gw.url + "/health").status_code == 503, 5, "unhealthy")
+        h = httpx.get(gw.url + "/health").json()
+        assert h["status"] == "unhealthy" and h["model_loaded"] is False
     finally:
         for p in (gw, e1, e2, rer):
             p.stop()
+
+
+def test_a_reranker_only_host(tmp_path: Path) -> None:
+    """`--embedding-url none`: the gateway serves the reranker alone and is healthy."""
+    rer = start_backend(tmp_path, "rerank")
+    gw = start_gateway(tmp_path, "--embedding-url", "none", "--reranker-url", rer.url)
+    try:
+        h = httpx.get(gw.url + "/health")
+        assert h.status_code == 200 and h.json()["status"] == "healthy" and list(h.json()["models"]) == [RER]
+        assert gw.post("/rerank", {"query": "q", "documents": ["a", "b"]}).status_code == 200
+        r = gw.post("/v1/embeddings", {"input": "x"})
+        assert r.status_code == 404 and "no embedding model is configured" in r.json()["error"]["message"]
+        assert [m["id"] for m in gw.get("/v1/models").json()["data"]] == [RER]
+    finally:
+        gw.stop()
+        rer.stop()
+    r = run_cli("--embedding-url", "none", "--reranker-url", "none", "--port", "1")
+    assert r.returncode == 2 and "no model to serve" in r.stderr
 
 
 @pytest.mark.parametrize("path", ["/v1/rerank", "/rerank"])
