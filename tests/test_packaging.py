@@ -144,7 +144,7 @@ def test_performance_test_tool(stack: Stack) -> None:
         assert "%" in r.stderr  # the progress bar
     bad = subprocess.run([PY, str(ROOT / "performance_test.py"), "--url", stack.gw.url, "--key", "er-wrong",
                           "--requests", "5", "--quiet"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and "401: 5" in bad.stdout
+    assert bad.returncode == 2 and "401:" in bad.stderr and "ER_KEY" in bad.stderr  # stops at once, says why
 
 
 def test_fresh_clone_runs_from_the_readme_command(tmp_path: Path) -> None:
