@@ -36,6 +36,8 @@ Environment (current value):
   HEALTH_TIMEOUT                     $HEALTH_TIMEOUT   (seconds to wait for /health)
   RERANKER_PROMPT                    $RERANKER_PROMPT   (gateway|server|none; must match the gateway's)
   RERANKER_HF_OVERRIDES              Qwen3 original-reranker overrides (set empty for a *-seq-cls checkpoint)
+  EMBEDDING_HF_OVERRIDES             extra embedding overrides (JSON); {"is_matryoshka": true} is merged in
+                                     so \`dimensions\` works (none: send no overrides)
 CPU mode only:
   VLLM_CPU_KVCACHE_SPACE             ${VLLM_CPU_KVCACHE_SPACE:-1}   (GiB of KV cache per server)
   EMBEDDING_CPU_CORES / RERANKER_CPU_CORES   cores bound per server (default: half the cores each)
@@ -150,6 +152,10 @@ launch() {
     [ "$kind" = embedding ] && args+=(--convert embed)
   else
     [ "$kind" = embedding ] && args+=(--task embed) || args+=(--task score)
+  fi
+  if [ "$kind" = embedding ]; then
+    local overrides; overrides=$(embedding_overrides) || return 1
+    [ -n "$overrides" ] && args+=(--hf-overrides "$overrides")
   fi
   if [ "$kind" = reranker ]; then
     [ -n "$RERANKER_HF_OVERRIDES" ] && args+=(--hf-overrides "$RERANKER_HF_OVERRIDES")

@@ -9,6 +9,10 @@ and base64 strings are copied as they are).
 from __future__ import annotations
 
 import asyncio
+import base64
+import math
+import sys
+from array import array
 from typing import Any
 
 import orjson
@@ -38,19 +42,82 @@ async def create_embeddings(
     if gw.budgets_tokens(adm.key):
         await gw.reserve_tokens(adm, await _estimate(gw, pool, inputs, data.get("truncate_prompt_tokens")))
     limit = gw.settings.max_batch_inputs
-    try:
+    cut = None
+    if req.dimensions is not None and pool.refuses_dimensions and _cuttable(data):
+        cut, changed = data.pop("dimensions"), True
+
+    async def forward(changed: bool) -> bytes:
         if many and len(inputs) > limit:
-            body = await _split(gw, pool, adm, data, inputs, limit)
-        else:
-            result = await gw.call(pool, PATH, orjson.dumps(data) if changed else raw, adm.info)
-            body = result.body
-            if not body.lstrip()[:1] == b"{":
-                raise GatewayError(502, "backend answered with something that is not JSON")
+            return await _split(gw, pool, adm, data, inputs, limit)
+        result = await gw.call(pool, PATH, orjson.dumps(data) if changed else raw, adm.info)
+        if not result.body.lstrip()[:1] == b"{":
+            raise GatewayError(502, "backend answered with something that is not JSON")
+        return result.body
+
+    try:
+        try:
+            body = await forward(changed)
+        except GatewayError as e:
+            if not (cut is None and req.dimensions is not None and _refused_dimensions(e) and _cuttable(data)):
+                raise
+            # vLLM refuses `dimensions` for a model it was not told is Matryoshka (Qwen3-Embedding's
+            # config does not say so): ask for whole vectors and cut them here, from now on.
+            pool.refuses_dimensions = True
+            cut = data.pop("dimensions")
+            body = await forward(True)
+        if cut is not None:
+            body = cut_vectors(body, cut)
     except BaseException:
         await gw.refund_tokens(adm)
         raise
     await gw.charge_tokens(adm, pool.model.name, usage_tokens(body))
     return Response(body, media_type="application/json", headers=adm.headers)
+
+
+def _refused_dimensions(e: GatewayError) -> bool:
+    return e.status == 400 and "matryoshka" in e.message.lower()
+
+
+def _cuttable(data: dict[str, Any]) -> bool:
+    return data.get("encoding_format") in (None, "float", "base64")
+
+
+def _floats(packed: str) -> array[float]:
+    values = array("f", base64.b64decode(packed))
+    if sys.byteorder != "little":  # vLLM's base64 is little-endian float32
+        values.byteswap()
+    return values
+
+
+def _packed(values: array[float]) -> str:
+    if sys.byteorder != "little":
+        values.byteswap()
+    return base64.b64encode(values.tobytes()).decode()
+
+
+def cut_vectors(body: bytes, dimensions: int) -> bytes:
+    """Matryoshka in the gateway: each vector's first `dimensions` values, scaled back to unit
+    length (what vLLM does for a Matryoshka model), as floats or base64 float32 as they came."""
+    try:
+        answer = orjson.loads(body)
+        items = answer["data"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise GatewayError(502, "backend answered with something that is not an embeddings list") from None
+    for item in items:
+        vector = item.get("embedding")
+        packed = isinstance(vector, str)
+        values = _floats(vector) if packed else vector
+        if not isinstance(values, (list, array)) or dimensions > len(values):
+            raise GatewayError(
+                400, f"dimensions {dimensions} is more than the model's {len(values or [])}", param="dimensions"
+            )
+        head = values[:dimensions]
+        norm = math.sqrt(sum(x * x for x in head)) or 1.0
+        if packed:
+            item["embedding"] = _packed(array("f", (x / norm for x in head)))
+        else:
+            item["embedding"] = [x / norm for x in head]
+    return orjson.dumps(answer)
 
 
 async def _estimate(gw: Gateway, pool: Pool, inputs: Any, truncate: Any = None) -> int:

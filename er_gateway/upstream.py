@@ -65,6 +65,9 @@ class Pool:
     replicas: list[Replica]
     settings: Settings
     on_error: object = None  # callable(replica_url, kind) for metrics
+    # Set when the backend refused `dimensions` (not started as a Matryoshka model): the gateway
+    # then cuts the vectors itself (embeddings.py).
+    refuses_dimensions: bool = False
     _rr: itertools.count = field(default_factory=itertools.count)
 
     def pick(self, exclude: Iterable[Replica] = ()) -> Replica | None:

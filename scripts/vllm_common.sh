@@ -35,6 +35,21 @@ RERANKER_TEMPLATE=${RERANKER_TEMPLATE:-$ER_ROOT/templates/qwen3_reranker.jinja}
 QWEN3_RERANKER_OVERRIDES='{"architectures":["Qwen3ForSequenceClassification"],"classifier_from_token":["no","yes"],"is_original_qwen3_reranker":true}'
 # Set to empty for a checkpoint that is already a sequence classifier (e.g. *-seq-cls conversions).
 RERANKER_HF_OVERRIDES=${RERANKER_HF_OVERRIDES-$QWEN3_RERANKER_OVERRIDES}
+# Qwen3-Embedding is a Matryoshka model (any `dimensions` from 32 up), but its config does not say so
+# and vLLM refuses `dimensions` unless told. Merged into the user's own overrides; a user value for
+# is_matryoshka or matryoshka_dimensions wins. EMBEDDING_HF_OVERRIDES=none sends no overrides at all.
+EMBEDDING_HF_OVERRIDES=${EMBEDDING_HF_OVERRIDES-}
+embedding_overrides() {
+  [ "$EMBEDDING_HF_OVERRIDES" = none ] && return 0
+  python3 -c '
+import json, sys
+given = json.loads(sys.argv[1] or "{}")
+if not isinstance(given, dict):
+    sys.exit("EMBEDDING_HF_OVERRIDES must be a JSON object")
+if "is_matryoshka" not in given and "matryoshka_dimensions" not in given:
+    given["is_matryoshka"] = True
+print(json.dumps(given, separators=(",", ":")))' "$EMBEDDING_HF_OVERRIDES"
+}
 
 # model_get KIND FIELD -> value (KIND: embedding|reranker)
 model_get() {

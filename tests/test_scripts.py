@@ -322,3 +322,28 @@ def test_bad_usage(tmp_path: Path) -> None:
     assert run("stop_vllm_models.sh", env, "--bogus").returncode == 2
     assert run("start_vllm_models.sh", {**env, "MODEL_SIZE": "3B"}).returncode == 2
     assert run("start_vllm_models.sh", {**env, "VLLM_BIN": "/nonexistent/vllm"}).returncode == 2
+
+
+@pytest.mark.parametrize("given, sent", [
+    (None, '{"is_matryoshka":true}'),
+    ('{"max_position_embeddings": 1024}', '{"max_position_embeddings":1024,"is_matryoshka":true}'),
+    ('{"matryoshka_dimensions": [64, 128]}', '{"matryoshka_dimensions":[64,128]}'),  # the user's choice wins
+    ("none", None),
+])
+def test_embedding_gets_the_matryoshka_override_merged(tmp_path: Path, given: str | None, sent: str | None) -> None:
+    env = env_for(tmp_path, **({"EMBEDDING_HF_OVERRIDES": given} if given is not None else {}))
+    try:
+        assert run("start_vllm_models.sh", env, "--only", "embedding").returncode == 0
+        (emb,) = record(env)
+        if sent is None:
+            assert "--hf-overrides" not in emb
+        else:
+            assert f"--hf-overrides {sent}" in emb, emb
+    finally:
+        run("stop_vllm_models.sh", env)
+
+
+def test_compose_and_systemd_start_the_embedding_with_matryoshka() -> None:
+    assert '--hf-overrides={"is_matryoshka":true}' in (ROOT / "docker-compose.yml").read_text()
+    unit = (ROOT / "deploy" / "systemd" / "vllm-embedding.service").read_text()
+    assert "--hf-overrides '{\"is_matryoshka\":true}'" in unit

@@ -109,8 +109,10 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
         "RERANKER_CPU_CORES": "1",
     }
     env_a = {**base, "LOG_DIR": str(tmp / "logs-a"), "EMBEDDING_PORT": str(ports[0]), "RERANKER_PORT": str(ports[1])}
+    # B's embedding server is started as a plain vLLM would be, without the Matryoshka override.
     env_b = {**base, "LOG_DIR": str(tmp / "logs-b"), "EMBEDDING_PORT": str(ports[2]), "RERANKER_PORT": str(ports[3]),
-             "RERANKER_PROMPT": "server", "EMBEDDING_CPU_CORES": "1", "RERANKER_CPU_CORES": "0"}
+             "RERANKER_PROMPT": "server", "EMBEDDING_CPU_CORES": "1", "RERANKER_CPU_CORES": "0",
+             "EMBEDDING_HF_OVERRIDES": "none"}
     t0 = time.monotonic()
     pa = subprocess.Popen([str(ROOT / "start_vllm_models.sh")], env=env_a, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -170,6 +172,35 @@ def test_embeddings_equal_transformers_reference(tier: Tier) -> None:
     assert httpx.get(direct + "/v1/models").status_code == 401
     # vLLM's key guards /v1 only (why it binds to loopback): the stand-in must not be kinder than this
     assert httpx.post(direct + "/tokenize", json={"model": EMB_NAME, "prompt": "hello"}).status_code == 200
+
+
+def test_dimensions_both_ways(tier: Tier, tmp_path: Path) -> None:
+    """`dimensions` gives the reference vector cut to that size and re-normalised: from a vLLM the
+    scripts started with {"is_matryoshka": true}, and from one without it (which refuses
+    `dimensions`), cut by the gateway instead."""
+    texts = ["hello world", "The capital of France is Paris."]
+    ref = tier.reference("embed", texts)
+    plain_vllm = f"http://127.0.0.1:{tier.env_b['EMBEDDING_PORT']}"
+    refused = httpx.post(plain_vllm + "/v1/embeddings", json={"model": EMB_NAME, "input": "x", "dimensions": 32},
+                         headers={"Authorization": f"Bearer {tier.backend_key}"})
+    assert refused.status_code == 400 and "matryoshka" in refused.text.lower()  # the stand-in does the same
+    gw_plain = start_gateway(tmp_path, "--embedding-url", plain_vllm, "--reranker-url", "none",
+                             "--embedding-model", EMB_NAME, env={"ER_BACKEND_API_KEY": tier.backend_key})
+    try:
+        for gw in (tier.gw, gw_plain):
+            for fmt in ("float", "base64"):
+                r = gw.post("/v1/embeddings", {"model": EMB_NAME, "input": texts, "dimensions": 32,
+                                               "encoding_format": fmt})
+                assert r.status_code == 200, r.text
+                for d, e in zip(r.json()["data"], ref):
+                    vec = d["embedding"] if fmt == "float" else \
+                        list(struct.unpack("<32f", base64.b64decode(d["embedding"])))
+                    cut = e[:32]
+                    norm = math.sqrt(sum(x * x for x in cut))
+                    assert len(vec) == 32 and cosine(vec, [x / norm for x in cut]) >= 0.99999
+                    assert abs(math.sqrt(sum(x * x for x in vec)) - 1) < 1e-4
+    finally:
+        gw_plain.stop()
 
 
 def test_embedding_instruction_matches_reference(tier: Tier) -> None:
