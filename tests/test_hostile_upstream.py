@@ -206,11 +206,14 @@ def test_chunked_with_extensions_and_trailers(hostile) -> None:  # type: ignore[
         return True
 
     server.behaviour = chunked
-    before = server.connections
+    before, served = server.connections, server.requests
     results = asyncio.run(send(gw, tenants(20, "seq"), gap=0.005))
     assert [s for s, _, _ in results] == [200] * 20
     check_own_answers(results)
-    assert server.connections - before == 1  # framing understood, so the connection was reused
+    assert server.requests - served == 20
+    # Framing understood, so one connection carried all 20. It may be the one a health check
+    # opened just before `before` was read (then no new connection at all), hence <= 1.
+    assert server.connections - before <= 1
 
 
 def test_huge_headers_are_refused(hostile) -> None:  # type: ignore[no-untyped-def]
