@@ -165,7 +165,7 @@ class Gateway:
             if model is None:
                 raise GatewayError(404, f"no {kind} model is configured; available: {self._names()}", param="model")
         else:
-            model = self.models_by_name.get(name)
+            model = self.lookup(name)
             if model is None:
                 raise GatewayError(
                     404, f"model {name!r} not found; available models: {self._names()}", param="model"
@@ -179,9 +179,20 @@ class Gateway:
                 f"model and cannot {verb}; {kind} models: {others}",
                 param="model",
             )
-        if key.models is not None and model.name not in key.models and not (set(model.aliases) & set(key.models)):
+        if not self.may_use(key, model):
             raise GatewayError(403, f"key {key.name!r} may not use model {model.name!r}", param="model")
         return self.upstreams.pools[model.name]
+
+    def lookup(self, name: str) -> ModelConfig | None:
+        """A model by a configured name or alias, else by a name its backends report serving."""
+        return self.models_by_name.get(name) or self.upstreams.served.get(name)
+
+    def names_of(self, model: ModelConfig) -> list[str]:
+        """Every name that reaches `model`: what its backends serve first, then the configured ones."""
+        return list(dict.fromkeys([*self.upstreams.pools[model.name].served_names, model.name, *model.aliases]))
+
+    def may_use(self, key: ApiKey, model: ModelConfig) -> bool:
+        return key.models is None or not set(self.names_of(model)).isdisjoint(key.models)
 
     async def call(self, pool: Pool, path: str, body: bytes, info: RequestInfo) -> UpstreamResult:
         """One upstream request under the concurrency cap; timing goes into `info`."""
@@ -247,7 +258,7 @@ class Gateway:
 
     # ---- views -----------------------------------------------------------------------------
     def _names(self) -> str:
-        return ", ".join(sorted(self.models_by_name))
+        return ", ".join(sorted({*self.models_by_name, *self.upstreams.served}))
 
     def model_table(self) -> dict[str, Any]:
         return {
@@ -273,7 +284,7 @@ class Gateway:
             models[name] = {"kind": pool.model.kind, "ready": ready, "replicas": states}
             all_up = all_up and all(s["healthy"] for s in states)
         if model is not None:
-            config = self.models_by_name.get(model)
+            config = self.lookup(model)
             if config is None:
                 return 404, GatewayError(404, f"model {model!r} not found; available models: {self._names()}",
                                          param="model").payload()
@@ -323,15 +334,20 @@ def api_key_of(request: Request) -> str | None:
 
 
 def use_backend_name(data: dict[str, Any], pool: Pool) -> bool:
-    """Point a client body at the name vLLM serves (an alias or served_name may differ).
+    """Point a client body at the name vLLM serves (an alias or the configured name may differ).
 
-    A body without `model` is left alone: vLLM then uses its one served model.
-    Returns whether `data` changed (and so must be re-serialised).
+    A body without `model` is left alone: vLLM then uses its one served model; so is one whose
+    replicas serve different names (the field is dropped). Returns whether `data` changed (and
+    so must be re-serialised).
     """
     requested = data.get("model")
-    if requested is None or requested == pool.model.backend_name:
+    name = pool.upstream_name
+    if requested is None or requested == name:
         return False
-    data["model"] = pool.model.backend_name
+    if name is None:
+        del data["model"]
+    else:
+        data["model"] = name
     return True
 
 

@@ -44,7 +44,8 @@ async def rerank(gw: Gateway, adm: Admission, req: RerankRequest, *, seed_shape:
             param="truncate_prompt_tokens",
         )
     instruction = req.instruction or model.instruction or gw.settings.default_instruction
-    sent, counts = await _truncate(gw, pool, adm, texts, req.max_length) if req.max_length else (texts, None)
+    max_length = req.max_length and await _fit(gw, pool, adm, req.query, instruction, req.max_length)
+    sent, counts = await _truncate(gw, pool, adm, texts, max_length) if max_length else (texts, None)
     if gw.budgets_tokens(adm.key):
         await gw.reserve_tokens(adm, await _estimate(gw, pool, req.query, sent, instruction, counts))
     try:
@@ -65,7 +66,7 @@ async def rerank(gw: Gateway, adm: Admission, req: RerankRequest, *, seed_shape:
         results.append(r)
     answer: dict[str, Any] = {
         "id": f"rerank-{adm.info.request_id}",
-        "model": model.name,
+        "model": pool.upstream_name or model.name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "results": results,
     }
@@ -81,6 +82,35 @@ async def rerank(gw: Gateway, adm: Admission, req: RerankRequest, *, seed_shape:
 SPECIAL_TOKENS = 2  # per pair, beyond the texts (a separator or end token some templates add)
 FALLBACK_PARALLEL = 4  # /tokenize calls in flight per request when the gateway has no tokenizer
 NAME_MAX_CHARS = 1 << 20  # text tokenized at most to name an over-long document
+
+
+async def _fit(gw: Gateway, pool: Pool, adm: Admission, query: str, instruction: str, max_length: int) -> int:
+    """`max_length`, lowered where a document that long would not fit the backend's context
+    beside the query and the prompt template (vLLM refuses such a pair outright).
+
+    A client asking for `max_length` wants scores, not a 400 (seed 000 clients send 8192 to an
+    8192-token model). The context length is what the replicas report in /v1/models; the
+    lowered value is said in `X-Max-Length-Applied`.
+    """
+    limit = pool.max_model_len
+    if not limit:
+        return max_length
+    frame = [query] if pool.model.prompt == "none" else \
+        [rerank_query_part(query, instruction), rerank_document_part("")]
+    bound = sum(map(_utf8_len, frame)) + SPECIAL_TOKENS  # tokens, from above, without tokenizing
+    if max_length + bound <= limit:
+        return max_length
+    exact = pool.model.name in gw.tokenizers
+    fit = limit - (await gw.count_tokens(pool.model, frame) + SPECIAL_TOKENS)
+    if fit < 1:
+        if not exact:
+            return max_length  # only a bound: let the backend judge
+        raise GatewayError(400, f"the query is too long: with the prompt it takes {limit - fit} of the "
+                                f"model's {limit} tokens, leaving none for a document", param="query")
+    if fit < max_length:
+        adm.headers["X-Max-Length-Applied"] = str(fit)
+        return fit
+    return max_length
 
 
 async def _estimate(
@@ -136,7 +166,7 @@ async def score(
         text_1, docs = query, documents
     size = gw.settings.max_batch_docs
     chunks = [docs[i : i + size] for i in range(0, len(docs), size)]
-    base: dict[str, Any] = {"model": model.backend_name, "text_1": text_1}
+    base: dict[str, Any] = {**pool.model_field(), "text_1": text_1}
     if model.prompt == "server":
         # vLLM >= 0.32 hands these to the score template as its `instruction` variable.
         base["instruction"] = instruction
@@ -195,7 +225,7 @@ async def _name_too_long(
         async def count(doc: str) -> int:
             nonlocal limit
             async with sem:
-                body = {"model": pool.model.backend_name, "prompt": text_1 + doc}
+                body = {**pool.model_field(), "prompt": text_1 + doc}
                 tok_answer = orjson.loads((await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info)).body)
             limit = int(tok_answer.get("max_model_len", 0)) or limit
             return int(tok_answer.get("count", 0))
@@ -266,11 +296,11 @@ async def _truncate(
         if _utf8_len(text) <= max_length:
             return text
         async with sem:
-            body = {"model": pool.model.backend_name, "prompt": text, "add_special_tokens": False}
+            body = {**pool.model_field(), "prompt": text, "add_special_tokens": False}
             ids = _field(await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info), "tokens", list)
             if len(ids) <= max_length:
                 return text
-            back = {"model": pool.model.backend_name, "tokens": ids[:max_length]}
+            back = {**pool.model_field(), "tokens": ids[:max_length]}
             return _field(await gw.call(pool, "/detokenize", orjson.dumps(back), adm.info), "prompt", str)
 
     return list(await asyncio.gather(*(one(t) for t in texts))), None

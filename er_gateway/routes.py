@@ -50,11 +50,14 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 async def list_models(request: Request) -> Response:
     gw = gateway_of(request)
     adm = await gw.admit(request, "/v1/models")
-    data = [
-        {"id": name, "object": "model", "created": _STARTED, "owned_by": "er-gateway", "kind": m.kind}
-        for name, m in gw.models_by_name.items()
-        if adm.key.models is None or m.name in adm.key.models
-    ]
+    data = []
+    for m in gw.settings.models:
+        if not gw.may_use(adm.key, m):
+            continue
+        pool = gw.upstreams.pools[m.name]
+        card = {"object": "model", "created": _STARTED, "owned_by": "er-gateway", "kind": m.kind,
+                "root": pool.upstream_name or m.name, "max_model_len": pool.max_model_len}
+        data.extend({"id": name, **card} for name in gw.names_of(m))
     return json_response({"object": "list", "data": data}, headers=adm.headers)
 
 

@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import orjson
+
 from .errors import GatewayError, parse_backend_error
 from .observability import log_field
 from .httpclient import ConnectError, DisconnectError, HTTPPool, ProtocolError, TooLargeError, UpstreamError
@@ -35,6 +37,10 @@ class Replica:
     last_error: str | None = None
     latency_ms: float | None = None
     requests: int = 0
+    # What the backend says it serves (its /v1/models, read with every health check): the
+    # model names and the context length. Empty/None until it has answered once.
+    served: tuple[str, ...] = ()
+    max_model_len: int | None = None
 
     def state(self, index: int, *, with_url: bool = False) -> dict[str, object]:
         return {
@@ -45,6 +51,8 @@ class Replica:
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
             "outstanding": self.outstanding,
             "requests": self.requests,
+            "served": list(self.served),
+            "max_model_len": self.max_model_len,
         }
 
 
@@ -68,7 +76,43 @@ class Pool:
     # Set when the backend refused `dimensions` (not started as a Matryoshka model): the gateway
     # then cuts the vectors itself (embeddings.py).
     refuses_dimensions: bool = False
+    # The `model` the backends are asked for: the configured backend name until they say what
+    # they serve, then theirs. None when replicas serve different names: bodies then carry no
+    # `model` and each vLLM server uses its one model.
+    upstream_name: str | None = None
     _rr: itertools.count = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        self.learn_names()
+
+    def learn_names(self) -> bool:
+        """Follow what the replicas report serving; returns whether the upstream name changed.
+
+        A replica serving the configured name (vLLM takes several --served-model-name) is asked
+        for it; one serving only other names is asked for its first, so `MODEL_SIZE=4B` behind a
+        gateway configured for 0.6B still works, the configured name acting as an alias.
+        """
+        configured = self.model.backend_name
+        names = {configured if configured in r.served else r.served[0] for r in self.replicas if r.served}
+        name = configured if not names else names.pop() if len(names) == 1 else None
+        changed = name != self.upstream_name
+        self.upstream_name = name
+        return changed
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name a replica reports serving, in replica order."""
+        return list(dict.fromkeys(n for r in self.replicas for n in r.served))
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The smallest context length a replica reports: a request must fit any of them."""
+        lens = [r.max_model_len for r in self.replicas if r.max_model_len]
+        return min(lens) if lens else None
+
+    def model_field(self) -> dict[str, str]:
+        """`{"model": name}` for an upstream body the gateway builds ({} when replicas differ)."""
+        return {"model": self.upstream_name} if self.upstream_name else {}
 
     def pick(self, exclude: Iterable[Replica] = ()) -> Replica | None:
         """Least outstanding requests among usable replicas; ties go round-robin."""
@@ -192,6 +236,7 @@ class Upstreams:
         self.settings = settings
         self.clients: dict[str, HTTPPool] = {}
         self.pools: dict[str, Pool] = {}
+        self.served: dict[str, ModelConfig] = {}  # names the backends report, to their model
         self._task: asyncio.Task[None] | None = None
         self.on_error = None
 
@@ -219,10 +264,18 @@ class Upstreams:
 
     async def start(self, models: list[ModelConfig]) -> None:
         self.pools = self.build(models)
+        # One check before serving, so the first request already goes by the names the backends
+        # serve; bounded, so a backend that accepts and never answers delays start-up little.
+        try:
+            await asyncio.wait_for(self.check_all(), self.settings.health_timeout)
+        except TimeoutError:
+            log.warning("backends did not all answer the first health check within %g s", self.settings.health_timeout)
+            self.learn_names()
         self._task = asyncio.create_task(self._health_loop())
 
     def replace(self, models: list[ModelConfig]) -> None:
         self.pools = self.build(models)
+        self.learn_names()
 
     def replicas(self) -> list[Replica]:
         seen: dict[str, Replica] = {}
@@ -239,6 +292,11 @@ class Upstreams:
             error = None if ok else f"health: HTTP {resp.status}"
         except (UpstreamError, TimeoutError) as e:
             ok, error = False, f"health: {type(e).__name__} {e}".strip()
+        if ok:
+            try:
+                await self._read_models(replica)
+            except (UpstreamError, TimeoutError) as e:  # health is /health's to say, not this
+                log.debug("replica %s: /v1/models not read: %s", replica.url, e)
         if ok and not replica.healthy:
             log.info("replica %s is healthy again", replica.url)
             replica.ejected_until = 0.0
@@ -249,16 +307,49 @@ class Upstreams:
         if error:
             replica.last_error = error
 
+    async def _read_models(self, replica: Replica) -> None:
+        """Learn the names and context length a replica serves from its /v1/models.
+
+        Read on every health check, so a backend restarted with another model (a reload, or
+        `MODEL_SIZE=4B`) is followed within one interval. A backend without the endpoint, or
+        with an answer of another shape, keeps what was known: names only ever come from vLLM.
+        """
+        resp = await replica.client.request("GET", "/v1/models", timeout=self.settings.health_timeout)
+        if resp.status != 200:
+            return
+        try:
+            cards = orjson.loads(resp.body)["data"]
+            served = tuple(c["id"] for c in cards if isinstance(c.get("id"), str))
+            lens = [c["max_model_len"] for c in cards if isinstance(c.get("max_model_len"), int)]
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return
+        if served and served != replica.served:
+            log.info("replica %s serves %s", replica.url, log_field(", ".join(served)))
+        replica.served = served or replica.served
+        replica.max_model_len = min(lens) if lens else replica.max_model_len
+
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(r) for r in self.replicas()))
+        self.learn_names()
+
+    def learn_names(self) -> None:
+        """Each pool follows its replicas' names; `served` maps every reported name to its model."""
+        served: dict[str, ModelConfig] = {}
+        for pool in self.pools.values():
+            if pool.learn_names():
+                log.info("model %s is now asked for upstream as %s", pool.model.name,
+                         log_field(pool.upstream_name or "(each replica's own model)"))
+            for name in pool.served_names:
+                served.setdefault(name, pool.model)
+        self.served = served
 
     async def _health_loop(self) -> None:
         while True:
+            await asyncio.sleep(self.settings.health_interval)
             try:
                 await self.check_all()
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("health check loop failed")
-            await asyncio.sleep(self.settings.health_interval)
 
     async def close(self) -> None:
         if self._task:

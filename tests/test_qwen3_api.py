@@ -202,3 +202,18 @@ def test_a_reranker_only_host(tmp_path: Path) -> None:
 def test_rerank_top_n_zero_means_all(stack: Stack, path: str) -> None:
     r = stack.gw.post(path, {"query": "q", "documents": ["a", "b", "c"], "top_n": 0})
     assert len(r.json()["results"]) == 3
+
+
+def test_max_length_over_the_context_is_lowered_to_fit(stack: Stack) -> None:
+    """Seed 000 clients send max_length 8192 to a model whose context is smaller (here 512)."""
+    long = " ".join(["word"] * 3000)
+    r = stack.gw.post("/rerank", {"query": "q", "documents": [long, "short"], "max_length": 8192})
+    assert r.status_code == 200, r.text
+    applied = int(r.headers["X-Max-Length-Applied"])
+    frame = len(rerank_query_part("q", DEFAULT_INSTRUCTION).encode()) + len(rerank_document_part("").encode())
+    assert applied == 512 - frame - 2  # the context less a byte bound on the query and template
+    sent = stack.rer.stats()["last_body"]["text_2"][0]
+    assert sent.startswith(rerank_document_part("")[:12] + "word word") and applied <= len(sent.split()) < 512  # cut to fit, not refused
+    assert len(r.json()["scores"]) == 2
+    r = stack.gw.post("/rerank", {"query": "q", "documents": [long], "max_length": 100})
+    assert r.status_code == 200 and "X-Max-Length-Applied" not in r.headers  # already fits

@@ -156,3 +156,78 @@ def test_dead_replica_at_start_is_skipped(tmp_path: Path) -> None:
     finally:
         gw.stop()
         good.stop()
+
+
+def ids(gw, key: str | None = None) -> list[str]:  # type: ignore[no-untyped-def]
+    return [m["id"] for m in gw.get("/v1/models", key=key).json()["data"]]
+
+
+def test_model_names_follow_the_backends(tmp_path: Path) -> None:
+    """`MODEL_SIZE=4B` behind a gateway started without model flags (configured for 0.6B)."""
+    emb = start_backend(tmp_path, "embedding", name="Qwen3-Embedding-4B")
+    rer = start_backend(tmp_path, "rerank", name="Qwen3-Reranker-4B")
+    gw = start_gateway(tmp_path, "--embedding-url", emb.url, "--reranker-url", rer.url, "--health-interval", "0.3")
+    try:
+        # The first health check runs before the gateway serves: no window with the old names.
+        assert ids(gw) == ["Qwen3-Embedding-4B", EMB, "Qwen3-Reranker-4B", RER]
+        for name in ("Qwen3-Embedding-4B", None, EMB):
+            r = gw.post("/v1/embeddings", {"input": "x", **({"model": name} if name else {})})
+            assert r.status_code == 200, (name, r.text)
+            assert emb.stats()["last_body"].get("model") == (name and "Qwen3-Embedding-4B")
+        for name in ("Qwen3-Reranker-4B", None, RER):
+            r = gw.post("/v1/rerank", {"query": "q", "documents": ["d"], **({"model": name} if name else {})})
+            assert r.status_code == 200, (name, r.text)
+            assert rer.stats()["last_body"]["model"] == "Qwen3-Reranker-4B"
+            assert r.json()["model"] == "Qwen3-Reranker-4B"
+        r = gw.post("/v1/score", {"model": RER, "text_1": "q", "text_2": ["d"]})
+        assert r.status_code == 200 and rer.stats()["last_body"]["model"] == "Qwen3-Reranker-4B"
+        card = gw.get("/v1/models").json()["data"][0]
+        assert card["root"] == "Qwen3-Embedding-4B" and card["max_model_len"] == 512
+        assert httpx.get(gw.url + "/health", params={"model": "Qwen3-Reranker-4B"}).status_code == 200
+        r = gw.post("/v1/embeddings", {"input": "x", "model": "Qwen3-Embedding-8B"})
+        assert r.status_code == 404 and "Qwen3-Embedding-4B" in r.json()["error"]["message"]
+        # A key may be limited by the served name as well as by the configured one.
+        made = gw.cli("keys", "create", "--name", "only-4b", "--models", "Qwen3-Embedding-4B")
+        key = made.stdout.strip()
+        wait_until(lambda: gw.get("/v1/models", key=key).status_code == 200, 5, "key loaded")
+        assert ids(gw, key) == ["Qwen3-Embedding-4B", EMB]
+        assert gw.post("/v1/embeddings", {"input": "x", "model": EMB}, key=key).status_code == 200
+        assert gw.post("/v1/rerank", {"query": "q", "documents": ["d"]}, key=key).status_code == 403
+    finally:
+        for p in (gw, emb, rer):
+            p.stop()
+
+
+def test_a_backend_restarted_with_another_model_is_followed(tmp_path: Path) -> None:
+    emb = start_backend(tmp_path, "embedding", name="Qwen3-Embedding-0.6B")
+    gw = start_gateway(tmp_path, "--embedding-url", emb.url, "--reranker-url", "none", "--health-interval", "0.3")
+    port = int(emb.url.rsplit(":", 1)[1])
+    try:
+        assert gw.post("/v1/embeddings", {"input": "x", "model": EMB}).status_code == 200
+        emb.stop()
+        emb = start_backend(tmp_path, "embedding", name="Qwen3-Embedding-8B", port=port)
+        wait_until(lambda: ids(gw)[0] == "Qwen3-Embedding-8B", 10, "new name learned")
+        r = gw.post("/v1/embeddings", {"input": "x", "model": EMB})
+        assert r.status_code == 200 and emb.stats()["last_body"]["model"] == "Qwen3-Embedding-8B"
+        assert EMB in ids(gw) and "Qwen3-Embedding-0.6B" == ids(gw)[1]  # the configured name stays an alias
+    finally:
+        gw.stop()
+        emb.stop()
+
+
+def test_replicas_serving_different_names_get_no_model_field(tmp_path: Path) -> None:
+    a = start_backend(tmp_path, "embedding", name="emb-a")
+    b = start_backend(tmp_path, "embedding", name="emb-b")
+    gw = start_gateway(tmp_path, "--embedding-url", f"{a.url},{b.url}", "--embedding-model", "emb-a",
+                       "--reranker-url", "none", "--health-interval", "0.3")
+    try:
+        assert ids(gw) == ["emb-a", "emb-b"]
+        for name in ("emb-a", "emb-b", None) * 4:
+            r = gw.post("/v1/embeddings", {"input": "x", **({"model": name} if name else {})})
+            assert r.status_code == 200, r.text
+        for backend in (a, b):
+            assert backend.stats()["requests"] >= 3  # both served, each with its own model
+            assert "model" not in backend.stats()["last_body"]
+    finally:
+        for p in (gw, a, b):
+            p.stop()

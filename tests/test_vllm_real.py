@@ -65,6 +65,7 @@ class Tier:
     gw: GatewayProc
     gw_server_mode: GatewayProc
     gw_split: GatewayProc
+    gw_4b: GatewayProc
     startup_s: float
     backend_key: str
 
@@ -109,8 +110,10 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
         "RERANKER_CPU_CORES": "1",
     }
     env_a = {**base, "LOG_DIR": str(tmp / "logs-a"), "EMBEDDING_PORT": str(ports[0]), "RERANKER_PORT": str(ports[1])}
-    # B's embedding server is started as a plain vLLM would be, without the Matryoshka override.
-    env_b = {**base, "LOG_DIR": str(tmp / "logs-b"), "EMBEDDING_PORT": str(ports[2]), "RERANKER_PORT": str(ports[3]),
+    # B's embedding server is started as a plain vLLM would be, without the Matryoshka override,
+    # and B is `MODEL_SIZE=4B` with the tiny weights: it serves Qwen3-Embedding-4B/Qwen3-Reranker-4B.
+    env_b = {**{k: v for k, v in base.items() if not k.endswith("_SERVED_NAME")}, "MODEL_SIZE": "4B",
+             "LOG_DIR": str(tmp / "logs-b"), "EMBEDDING_PORT": str(ports[2]), "RERANKER_PORT": str(ports[3]),
              "RERANKER_PROMPT": "server", "EMBEDDING_CPU_CORES": "1", "RERANKER_CPU_CORES": "0",
              "EMBEDDING_HF_OVERRIDES": "none"}
     t0 = time.monotonic()
@@ -137,10 +140,13 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
                          *common, env={**backend, "RERANKER_PROMPT": "server"})
     gw_split = start_gateway(tmp / "gw-split", "--embedding-url", f"{urls[0]},{urls[2]}", "--reranker-url", urls[1],
                              "--max-batch-inputs", "3", "--max-batch-docs", "2", *common, env=backend)
+    # No model flags: configured for the 0.6B names, in front of B's 4B names.
+    gw_4b = start_gateway(tmp / "gw-4b", "--embedding-url", urls[2], "--reranker-url", urls[3],
+                          env={**backend, "RERANKER_PROMPT": "server"})
     try:
-        yield Tier(bin_dir, models, env_a, env_b, gw, gw_s, gw_split, startup, key)
+        yield Tier(bin_dir, models, env_a, env_b, gw, gw_s, gw_split, gw_4b, startup, key)
     finally:
-        for g in (gw, gw_s, gw_split):
+        for g in (gw, gw_s, gw_split, gw_4b):
             g.stop()
         script("stop_vllm_models.sh", env_a)
         script("stop_vllm_models.sh", env_b)
@@ -181,7 +187,7 @@ def test_dimensions_both_ways(tier: Tier, tmp_path: Path) -> None:
     texts = ["hello world", "The capital of France is Paris."]
     ref = tier.reference("embed", texts)
     plain_vllm = f"http://127.0.0.1:{tier.env_b['EMBEDDING_PORT']}"
-    refused = httpx.post(plain_vllm + "/v1/embeddings", json={"model": EMB_NAME, "input": "x", "dimensions": 32},
+    refused = httpx.post(plain_vllm + "/v1/embeddings", json={"model": "Qwen3-Embedding-4B", "input": "x", "dimensions": 32},
                          headers={"Authorization": f"Bearer {tier.backend_key}"})
     assert refused.status_code == 400 and "matryoshka" in refused.text.lower()  # the stand-in does the same
     gw_plain = start_gateway(tmp_path, "--embedding-url", plain_vllm, "--reranker-url", "none",
@@ -268,6 +274,42 @@ def test_max_length_cut_in_the_gateway_matches_vllm(tier: Tier) -> None:
     fallback = tier.gw.post("/rerank", {"query": QUERY, "documents": [long_doc, DOCS[1]], "max_length": 8})
     assert fallback.status_code == 200
     assert "tokenizer for " + RER_NAME in (tier.gw_server_mode.logs / "embedding_reranker_proxy.log").read_text()
+
+
+def test_model_size_4b_behind_a_gateway_started_without_model_flags(tier: Tier) -> None:
+    """`MODEL_SIZE=4B ./start_vllm_models.sh`: the gateway learns the served names from vLLM."""
+    ids = [m["id"] for m in tier.gw_4b.get("/v1/models").json()["data"]]
+    assert ids == ["Qwen3-Embedding-4B", "Qwen3-Embedding-0.6B", "Qwen3-Reranker-4B", "Qwen3-Reranker-0.6B"]
+    ref = tier.reference("embed", DOCS[:2])
+    for name in ("Qwen3-Embedding-4B", None, "Qwen3-Embedding-0.6B"):
+        r = tier.gw_4b.post("/v1/embeddings", {"input": DOCS[:2], **({"model": name} if name else {})})
+        assert r.status_code == 200, (name, r.text)
+        assert r.json()["model"] == "Qwen3-Embedding-4B"
+        for d, e in zip(r.json()["data"], ref):
+            assert cosine(d["embedding"], e) >= 0.99999
+    expected = tier.reference("rerank", [rerank_prompt(QUERY, d, DEFAULT_INSTRUCTION) for d in DOCS])
+    for name in ("Qwen3-Reranker-4B", None, "Qwen3-Reranker-0.6B"):
+        r = tier.gw_4b.post("/rerank", {"query": QUERY, "documents": DOCS, **({"model": name} if name else {})})
+        assert r.status_code == 200, (name, r.text)
+        assert all(abs(g - w) <= 1e-5 for g, w in zip(r.json()["scores"], expected))
+    # gw_split mixes replicas serving different names (tiny-embedding and Qwen3-Embedding-4B)
+    assert tier.gw_split.post("/v1/embeddings", {"model": EMB_NAME, "input": [f"t{i}" for i in range(9)]}).status_code == 200
+
+
+def test_seed_max_length_8192_on_a_512_token_model_gets_scores(tier: Tier) -> None:
+    """The document is cut further so that query + template + document fit; the cut is the
+    reference tokenizer's, so the scores equal the reference on the cut document."""
+    long_doc = "Paris is the capital of France and a large city with many museums and parks " * 60
+    for gw, mode in ((tier.gw, "bound"), (tier.gw_server_mode, "exact")):
+        r = gw.post("/rerank", {"model": RER_NAME, "query": QUERY, "documents": [long_doc, DOCS[1]],
+                                "max_length": 8192})
+        assert r.status_code == 200, (mode, r.text)
+        applied = int(r.headers["X-Max-Length-Applied"])
+        assert 300 < applied < 512, applied
+        cut = tier.reference("truncate", [[long_doc, applied]])[0]
+        expected = tier.reference("rerank", [rerank_prompt(QUERY, cut, DEFAULT_INSTRUCTION),
+                                             rerank_prompt(QUERY, DOCS[1], DEFAULT_INSTRUCTION)])
+        assert all(abs(g - w) <= 1e-5 for g, w in zip(r.json()["scores"], expected)), mode
 
 
 def test_token_budget_reserved_with_the_tokenizer_is_settled_to_vllm_usage(tier: Tier) -> None:
