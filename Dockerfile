@@ -11,11 +11,13 @@ RUN apt-get update && apt-get install -y --no-install-recommends curl && rm -rf 
 WORKDIR /app
 COPY pyproject.toml README.md embedding_reranker_proxy.py ./
 COPY er_gateway ./er_gateway
+COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 RUN pip install . && python -c "import er_gateway.app"
 
-USER gateway
+# No `USER gateway` here: the entrypoint starts as root only to give a bind-mounted /data (which
+# `docker compose up -d` creates root-owned) to the gateway user, then runs the gateway as that user.
 VOLUME ["/data"]
 EXPOSE 2048
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD curl -fsS "http://127.0.0.1:${ER_PORT}/health" >/dev/null || exit 1
-ENTRYPOINT ["python", "embedding_reranker_proxy.py"]
+ENTRYPOINT ["docker-entrypoint.sh", "python", "embedding_reranker_proxy.py"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Docker deployment: two vLLM servers (GPU 1 and 0), the gateway and Redis.
+# Docker deployment: two vLLM servers (GPU 1 and 0; one GPU: both on it), the gateway and Redis.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,7 +16,8 @@ Usage: ./docker-deploy.sh {deploy|build|start|stop|status|logs [service]|key}
   key      create an API key named \$NAME (default: user) and print it
 
 Configuration (environment or .env): MODEL_SIZE (0.6B|4B|8B), MODEL_PATH / EMBEDDING_MODEL_PATH /
-RERANKER_MODEL_PATH, GPU_MEMORY_UTILIZATION (or EMBEDDING_/RERANKER_GPU_MEMORY_UTILIZATION),
+RERANKER_MODEL_PATH, EMBEDDING_GPU (1) / RERANKER_GPU (0; with one GPU both default to 0 and
+its memory is split 0.40 + 0.50), GPU_MEMORY_UTILIZATION (or EMBEDDING_/RERANKER_GPU_MEMORY_UTILIZATION),
 MAX_MODEL_LEN, GATEWAY_PORT (2048), GATEWAY_WORKERS (2), RATE_LIMIT (100/minute), VLLM_IMAGE_TAG,
 VLLM_API_KEY (the key between the gateway and vLLM; deploy/start generate one into .env, mode 0600,
 unless it is set; it is never printed).
@@ -40,11 +41,27 @@ ensure_backend_key() {
   echo "generated VLLM_API_KEY (backend key for vLLM and the gateway) in .env"
 }
 
+# Whether VAR is set in the environment or in .env (compose gives the environment precedence, so a
+# default exported here must not hide the user's .env).
+given() { [ -n "${!1:-}" ] || grep -qE "^$1=.+" .env 2>/dev/null; }
+
+# A host with one GPU: both models on GPU 0 with its memory split (the defaults, GPUs 1 and 0 at
+# 0.90 and 0.97, need two). Only what the user left unset.
+one_gpu_defaults() {
+  [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)" = 1 ] || return 0
+  given EMBEDDING_GPU || export EMBEDDING_GPU=0
+  given RERANKER_GPU || export RERANKER_GPU=0
+  [ "$EMBEDDING_GPU" = "$RERANKER_GPU" ] || return 0
+  if ! given EMBEDDING_GPU_MEMORY_UTILIZATION && ! given RERANKER_GPU_MEMORY_UTILIZATION && ! given GPU_MEMORY_UTILIZATION; then
+    export EMBEDDING_GPU_MEMORY_UTILIZATION=0.40 RERANKER_GPU_MEMORY_UTILIZATION=0.50
+    echo "one GPU: both models on GPU $EMBEDDING_GPU, memory split embedding 0.40 + reranker 0.50"
+  fi
+}
+
 prepare() {
   ensure_backend_key
-  mkdir -p data/logs models
-  # the gateway runs as uid 10001 inside its container
-  chown -R 10001 data 2>/dev/null || chmod -R a+rwX data
+  one_gpu_defaults
+  mkdir -p data/logs models  # the container's entrypoint gives data/ to its gateway user
 }
 
 case "${1:-}" in
@@ -56,7 +73,7 @@ case "${1:-}" in
   status) compose ps
           curl -fsS "http://127.0.0.1:${GATEWAY_PORT:-2048}/health" && echo || { echo "gateway not healthy"; exit 1; };;
   logs) shift; compose logs -f --tail=200 "$@";;
-  key) compose exec gateway python embedding_reranker_proxy.py keys create --name "${NAME:-user}";;
+  key) compose exec -u gateway gateway python embedding_reranker_proxy.py keys create --name "${NAME:-user}";;
   -h|--help|"") usage; [ -n "${1:-}" ];;
   *) echo "unknown command '$1'" >&2; usage >&2; exit 2;;
 esac

@@ -19,7 +19,8 @@ Environment (current value):
   RERANKER_MODEL_PATH [MODEL_PATH]   $RERANKER_MODEL_PATH
   EMBEDDING_SERVED_NAME              $EMBEDDING_SERVED_NAME
   RERANKER_SERVED_NAME               $RERANKER_SERVED_NAME
-  EMBEDDING_GPU / RERANKER_GPU       $EMBEDDING_GPU / $RERANKER_GPU
+  EMBEDDING_GPU / RERANKER_GPU       $EMBEDDING_GPU / $RERANKER_GPU   (one GPU visible: both 0 unless set;
+                                     both on one GPU: memory split 0.40 + 0.50 unless set)
   EMBEDDING_PORT / RERANKER_PORT     $EMBEDDING_PORT / $RERANKER_PORT
   EMBEDDING_GPU_MEMORY_UTILIZATION   $EMBEDDING_GPU_MEMORY_UTILIZATION  [GPU_MEMORY_UTILIZATION]
   RERANKER_GPU_MEMORY_UTILIZATION    $RERANKER_GPU_MEMORY_UTILIZATION  [GPU_MEMORY_UTILIZATION]
@@ -72,6 +73,11 @@ if [ "$DEVICE" = auto ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then DEVICE=cuda; else DEVICE=cpu; fi
 fi
 case "$DEVICE" in cuda|cpu) ;; *) echo "error: DEVICE must be auto, cuda or cpu" >&2; exit 2;; esac
+# A host with one GPU: the default GPU ids (1 and 0) become 0 and 0.
+if [ "$DEVICE" = cuda ] && [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)" = 1 ]; then
+  case "$GPU_GIVEN" in *e*) ;; *) EMBEDDING_GPU=0;; esac
+  case "$GPU_GIVEN" in *r*) ;; *) RERANKER_GPU=0;; esac
+fi
 
 VERSION=$("$VLLM_BIN" --version 2>/dev/null | grep -Eo '^[0-9]+\.[0-9]+(\.[0-9]+)?' | tail -n1 || true)
 if [ -z "$VERSION" ]; then echo "error: could not read the version of '$VLLM_BIN' (--version)" >&2; exit 2; fi
@@ -99,6 +105,25 @@ for kind in $KINDS; do
   TO_START="$TO_START $kind"
 done
 [ -z "$TO_START" ] && exit 0
+
+# Both models on one GPU: the defaults (0.90 + 0.97 of its memory) cannot both fit, so split it,
+# unless the other model is neither being started nor running (a single-model host).
+if [ "$DEVICE" = cuda ] && [ "$EMBEDDING_GPU" = "$RERANKER_GPU" ]; then
+  both=1
+  for kind in embedding reranker; do
+    case " $TO_START " in *" $kind "*) continue;; esac
+    pid_alive "$(pid_from_file "$(model_get "$kind" pidfile)")" || both=0
+  done
+  if [ "$both" = 1 ] && [ -z "$MEM_GIVEN" ]; then
+    EMBEDDING_GPU_MEMORY_UTILIZATION=0.40 RERANKER_GPU_MEMORY_UTILIZATION=0.50
+    echo "both models on GPU $EMBEDDING_GPU: memory split embedding 0.40 + reranker 0.50" \
+         "(set EMBEDDING_GPU_MEMORY_UTILIZATION / RERANKER_GPU_MEMORY_UTILIZATION to change)"
+  elif [ "$both" = 1 ] && awk -v a="$EMBEDDING_GPU_MEMORY_UTILIZATION" -v b="$RERANKER_GPU_MEMORY_UTILIZATION" \
+       'BEGIN { exit !(a + b > 0.95) }'; then
+    echo "warning: both models on GPU $EMBEDDING_GPU ask for $EMBEDDING_GPU_MEMORY_UTILIZATION + $RERANKER_GPU_MEMORY_UTILIZATION" \
+         "of its memory; the second will fail to start (keep the sum <= 0.95)" >&2
+  fi
+fi
 
 # The backend key reaches vLLM through its environment (VLLM_API_KEY): on the command line it would
 # be visible to every local user in `ps`. The generated key is created once, 0600 whatever the

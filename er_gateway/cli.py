@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     rotate = ks.add_parser("rotate", help="give a key a new secret; prints only the new key")
     rotate.add_argument("name")
+    # For scripts/run.sh: which local vLLM servers these settings need started.
+    sub.add_parser("local-models", help=argparse.SUPPRESS)
     return parser
 
 
@@ -74,12 +76,37 @@ def main(argv: list[str] | None = None) -> int:
     cli = {o.field: args[o.field] for o in OPTIONS if o.field in args}
     try:
         settings = load_settings(cli)
+        if command == "local-models":
+            return local_models(settings)
         for m in settings.models:
             find_tokenizer(m)  # a configured tokenizer path that is wrong stops here, not in a worker
     except (SettingsError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return serve(settings, cli)
+
+
+def local_models(settings: Any) -> int:
+    """Print `MANAGE yes|no`, `LOGDIR dir`, then `START kind port log_dir` for each loopback replica
+    that does not answer /health (scripts/run.sh starts those with start_vllm_models.sh)."""
+    import urllib.error
+    import urllib.request
+
+    from .manage import local_replicas
+
+    local = local_replicas(settings)
+    every = sum(len(m.urls) for m in settings.models)
+    print(f"MANAGE {'yes' if local and len(local) == every else 'no'}")
+    print(f"LOGDIR {settings.log_dir}")
+    for kind, port, log_dir, url in local:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    continue
+        except (urllib.error.URLError, OSError):
+            pass
+        print(f"START {kind} {port} {log_dir}")
+    return 0
 
 
 def keys_command(args: dict[str, Any]) -> int:

@@ -19,6 +19,7 @@ from starlette.requests import Request
 
 from .errors import GatewayError
 from .keys import ApiKey, KeysFileError, KeyStore
+from .manage import ModelManager
 from .observability import Metrics, Recent, RequestInfo
 from .concurrency import FairGate
 from .ratelimit import RateLimiter
@@ -60,6 +61,7 @@ class Gateway:
         self.upstreams = Upstreams(settings)
         self.upstreams.on_error = self._upstream_error  # type: ignore[assignment]
         self._index_models(settings.models)
+        self.manager = ModelManager(settings, self.upstreams)
         self.tokenizers: dict[str, ModelTokenizer] = load_tokenizers(settings.models)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -125,7 +127,7 @@ class Gateway:
         self.tokenizers = tokenizers
         self.limiter.default_rate = new.rate_limit
         self.limiter.default_tokens = new.token_limit
-        self.settings = new
+        self.settings = self.manager.settings = new
         log.info("configuration reloaded: %s", ", ".join(m.name for m in new.models))
         return self.model_table()
 

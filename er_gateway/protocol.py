@@ -58,3 +58,27 @@ class RerankRequest(BaseModel):
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class ReloadModelRequest(BaseModel):
+    """`POST /reload_model` with seed 000's body: restart one kind's vLLM servers with new settings.
+
+    An empty body (or `{}`) re-reads the config and keys files instead.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["embedding", "rerank"] = "rerank"
+    model_path: StrictStr | None = Field(None, min_length=1)
+    model_size: Literal["0.6B", "4B", "8B"] | None = None
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    max_model_len: StrictInt | None = Field(None, ge=1)
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind_alias(cls, v: Any) -> Any:
+        return {"reranker": "rerank", "embed": "embedding", "embeddings": "embedding"}.get(v, v)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings asked for (the fields given, without `kind`)."""
+        return self.model_dump(exclude={"kind"}, exclude_none=True)

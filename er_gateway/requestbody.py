@@ -77,9 +77,12 @@ async def _read_counted(request: Request, settings: Settings) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def read_json(request: Request, settings: Settings) -> tuple[Any, bytes]:
+async def read_json(request: Request, settings: Settings, *, empty: Any = ...) -> tuple[Any, bytes]:
+    """The body parsed; an empty body is a 400, or `empty` where the route gives it a meaning."""
     raw = await read_body(request, settings)
     if not raw or raw.isspace():
+        if empty is not ...:
+            return empty, raw
         raise GatewayError(400, "request body is empty; send a JSON object")
     try:
         return orjson.loads(raw), raw

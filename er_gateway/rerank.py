@@ -89,8 +89,10 @@ async def _fit(gw: Gateway, pool: Pool, adm: Admission, query: str, instruction:
     beside the query and the prompt template (vLLM refuses such a pair outright).
 
     A client asking for `max_length` wants scores, not a 400 (seed 000 clients send 8192 to an
-    8192-token model). The context length is what the replicas report in /v1/models; the
-    lowered value is said in `X-Max-Length-Applied`.
+    8192-token model). The context length is what the replicas report in /v1/models; the query
+    and template are counted with the gateway's tokenizer, else by one /tokenize call, and only
+    when a byte bound says they might not fit. The lowered value is said in
+    `X-Max-Length-Applied`.
     """
     limit = pool.max_model_len
     if not limit:
@@ -100,17 +102,29 @@ async def _fit(gw: Gateway, pool: Pool, adm: Admission, query: str, instruction:
     bound = sum(map(_utf8_len, frame)) + SPECIAL_TOKENS  # tokens, from above, without tokenizing
     if max_length + bound <= limit:
         return max_length
-    exact = pool.model.name in gw.tokenizers
-    fit = limit - (await gw.count_tokens(pool.model, frame) + SPECIAL_TOKENS)
+    if pool.model.name in gw.tokenizers:
+        used: int | None = await gw.count_tokens(pool.model, frame)
+    else:
+        used = await _backend_count(gw, pool, adm, "".join(frame))  # one call, not one per document
+    if used is None:
+        return max_length  # not even vLLM could count: let it judge the pairs itself
+    fit = limit - (used + SPECIAL_TOKENS)
     if fit < 1:
-        if not exact:
-            return max_length  # only a bound: let the backend judge
         raise GatewayError(400, f"the query is too long: with the prompt it takes {limit - fit} of the "
                                 f"model's {limit} tokens, leaving none for a document", param="query")
     if fit < max_length:
         adm.headers["X-Max-Length-Applied"] = str(fit)
         return fit
     return max_length
+
+
+async def _backend_count(gw: Gateway, pool: Pool, adm: Admission, text: str) -> int | None:
+    """Tokens in `text` by vLLM's /tokenize (the gateway has no tokenizer for this model)."""
+    body = {**pool.model_field(), "prompt": text, "add_special_tokens": False}
+    try:
+        return len(_field(await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info), "tokens", list))
+    except GatewayError:
+        return None
 
 
 async def _estimate(

@@ -16,7 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .embeddings import create_embeddings
 from .errors import GatewayError
 from .gateway import Admission, Gateway, api_key_of, usage_tokens, use_backend_name
-from .protocol import EmbeddingRequest, RerankRequest
+from .protocol import EmbeddingRequest, ReloadModelRequest, RerankRequest
 from .requestbody import check_batch, check_documents, check_inputs, read_json, validate
 from .rerank import estimate_score_tokens, rerank
 from .status_page import STATUS_HTML
@@ -180,10 +180,20 @@ async def score_passthrough(request: Request) -> Response:
 # ---- operations -----------------------------------------------------------------------------
 @router.post("/reload_model")
 async def reload_model(request: Request) -> Response:
+    """No body: re-read the config and keys files. Seed 000's body (`kind`, `model_path`,
+    `model_size`, `gpu_memory_utilization`, `max_model_len`): restart that kind's vLLM servers
+    with those settings when the gateway manages them (--manage-models), else 409 with the
+    command to run."""
     gw = gateway_of(request)
     adm = await gw.admit(request, "/reload_model")
     gw.require_admin(adm.key)
-    return json_response({"status": "reloaded", **gw.reload()}, headers=adm.headers)
+    data, _ = await read_json(request, gw.settings, empty={})
+    if data == {}:
+        return json_response({"status": "reloaded", **gw.reload()}, headers=adm.headers)
+    req = validate(ReloadModelRequest, data)
+    if not gw.settings.manage_models:
+        raise gw.manager.refuse_unmanaged(req)
+    return json_response(await gw.manager.reload(req), headers=adm.headers)
 
 
 @router.get("/health")

@@ -119,6 +119,7 @@ class Settings(BaseModel):
     status_auth: bool = True
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    manage_models: bool = False
     models: list[ModelConfig] = Field(default_factory=list)
 
     @field_validator("embedding_urls", "reranker_urls", mode="before")
@@ -267,6 +268,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("status_auth", "require an API key for GET /status (?api_key= works in a browser)", kind="bool"),
     Option("ssl_certfile", "TLS certificate (serve HTTPS)", "FILE"),
     Option("ssl_keyfile", "TLS private key", "FILE"),
+    Option("manage_models", "the gateway manages the local vLLM servers: POST /reload_model with new settings "
+           "restarts them through start_vllm_models.sh (scripts/run.sh turns this on for local backends)",
+           kind="bool"),
 )
 
 

@@ -41,12 +41,15 @@ class Replica:
     # model names and the context length. Empty/None until it has answered once.
     served: tuple[str, ...] = ()
     max_model_len: int | None = None
+    # Being restarted by /reload_model (manage.py): takes no new requests meanwhile.
+    draining: bool = False
 
     def state(self, index: int, *, with_url: bool = False) -> dict[str, object]:
         return {
             "replica": index,
             **({"url": self.url} if with_url else {}),
-            "healthy": self.healthy and time.monotonic() >= self.ejected_until,
+            "healthy": self.healthy and not self.draining and time.monotonic() >= self.ejected_until,
+            "draining": self.draining,
             "last_error": self.last_error,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
             "outstanding": self.outstanding,
@@ -118,7 +121,7 @@ class Pool:
         """Least outstanding requests among usable replicas; ties go round-robin."""
         now = time.monotonic()
         excluded = set(exclude)
-        usable = [r for r in self.replicas if r.healthy and r not in excluded]
+        usable = [r for r in self.replicas if r.healthy and not r.draining and r not in excluded]
         if not usable:
             return None
         fresh = [r for r in usable if now >= r.ejected_until]

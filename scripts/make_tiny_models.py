@@ -7,6 +7,7 @@ OUT_DIR/tiny-qwen3-embedding: shaped like Qwen3-Embedding (config Qwen3ForCausal
     weights of a bare Qwen3Model, tokenizer appends <|endoftext|>).
 OUT_DIR/tiny-qwen3-reranker: shaped like Qwen3-Reranker (a full Qwen3ForCausalLM whose
     "yes"/"no" logits give the score).
+OUT_DIR/tiny-qwen3-reranker-b: the same shape with other weights (a second checkpoint to reload).
 Both share one byte-level BPE vocabulary trained on local text, with the Qwen chat special
 tokens and single-token "yes" and "no". Nothing is downloaded.
 """
@@ -23,7 +24,7 @@ CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-VERSION = "1"  # bump to rebuild cached models
+VERSION = "2"  # bump to rebuild cached models
 
 
 def corpus() -> list[str]:
@@ -91,7 +92,7 @@ def main() -> None:
     from transformers import Qwen3ForCausalLM, Qwen3Model
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
-    emb_dir, rer_dir = out / "tiny-qwen3-embedding", out / "tiny-qwen3-reranker"
+    emb_dir, rer_dir, rer_b_dir = out / "tiny-qwen3-embedding", out / "tiny-qwen3-reranker", out / "tiny-qwen3-reranker-b"
     stamp = out / ".version"
     if stamp.exists() and stamp.read_text() == VERSION and (emb_dir / "config.json").exists():
         print(out)
@@ -110,6 +111,9 @@ def main() -> None:
     torch.manual_seed(1)
     rer = Qwen3ForCausalLM(config(len(rer_tok), "Qwen3ForCausalLM")).float()
     rer.save_pretrained(rer_dir, safe_serialization=True)
+    build_tokenizer(rer_b_dir, append_eos=False)
+    torch.manual_seed(2)
+    Qwen3ForCausalLM(config(len(rer_tok), "Qwen3ForCausalLM")).float().save_pretrained(rer_b_dir, safe_serialization=True)
     stamp.write_text(VERSION)
     print(out)
 

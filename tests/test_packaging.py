@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -51,7 +53,7 @@ def test_compose_file() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert set(services) == {"embedding", "reranker", "gateway", "redis"}
-    for name, gpu in (("embedding", "1"), ("reranker", "0")):
+    for name, gpu in (("embedding", "${EMBEDDING_GPU:-1}"), ("reranker", "${RERANKER_GPU:-0}")):
         svc = services[name]
         assert svc["image"].startswith("vllm/vllm-openai")
         dev = svc["deploy"]["resources"]["reservations"]["devices"][0]
@@ -80,7 +82,8 @@ def test_compose_file() -> None:
 
 def test_dockerfile_and_deploy_script() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert "FROM python:3.11-slim" in text and "\nUSER gateway" in text and "HEALTHCHECK" in text
+    assert "FROM python:3.11-slim" in text and "\nUSER " not in text and "HEALTHCHECK" in text
+    assert 'ENTRYPOINT ["docker-entrypoint.sh", "python", "embedding_reranker_proxy.py"]' in text
     assert "/health" in text and "EXPOSE 2048" in text
     r = subprocess.run([str(ROOT / "docker-deploy.sh"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0
@@ -152,21 +155,26 @@ def test_fresh_clone_runs_from_the_readme_command(tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)], check=True)
     assert "bash scripts/run.sh" in (clone / "README.md").read_text()
-    port = free_port()
+    port, emb, rer = free_port(), free_port(), free_port()
     log = open(tmp_path / "run.log", "wb")
-    p = subprocess.Popen(["bash", "scripts/run.sh", "--host", "127.0.0.1", "--port", str(port)], cwd=clone,
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")})
+    # vLLM is the stand-in `vllm` executable (no weights here); everything else is the clone's own.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")},
+           "VLLM_BIN": str(ROOT / "tests" / "fake_vllm_bin.sh"), "FAKE_VLLM_PYTHON": PY, "DEVICE": "cpu"}
+    p = subprocess.Popen(["bash", "scripts/run.sh", "--host", "127.0.0.1", "--port", str(port),
+                          "--embedding-url", f"http://127.0.0.1:{emb}", "--reranker-url", f"http://127.0.0.1:{rer}"],
+                         cwd=clone, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code in (200, 503), 600,
                    "fresh clone's gateway", p)
         body = httpx.get(f"http://127.0.0.1:{port}/health").json()
-        assert body["status"] == "unhealthy"  # no vLLM here: it answers, and says so
+        assert body["status"] == "healthy", body  # the one command started both models, then served
         out = (tmp_path / "run.log").read_text()
         assert "First start" in out and (clone / "er_api_keys.json").exists()
+        assert (clone / "logs" / "embedding.pid").exists() and (clone / "logs" / "reranker.pid").exists()
     finally:
-        os.killpg(p.pid, 15)
-        p.wait(20)
+        os.killpg(p.pid, 15)  # what Ctrl-C in its terminal does to its process group
+        p.wait(30)
+    assert not (clone / "logs" / "embedding.pid").exists()  # and it stopped what it started
 
 
 def test_cli_version_of_help_matches_readme() -> None:
@@ -201,3 +209,60 @@ def test_requirements_txt_pins_every_dependency_within_pyproject() -> None:
     assert "-r requirements.txt" in (ROOT / "scripts" / "setup_gateway.sh").read_text()
     assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
     assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]["text"] == "Apache-2.0"
+
+
+def test_container_entrypoint_gives_a_root_owned_data_dir_to_the_gateway_user(tmp_path: Path) -> None:
+    """What `docker compose up -d` does without docker-deploy.sh: Docker creates ./data root-owned;
+    the entrypoint (run as root, as the image does) hands it to the unprivileged user and runs the
+    command as that user, which can then create the keys file and its lock."""
+    assert os.geteuid() == 0, "the test suite runs as root (scripts/test.sh, CI)"
+    top = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own tmp dirs are 0700: `nobody` could not enter
+    try:
+        top.chmod(0o755)
+        data = top / "data"
+        data.mkdir()
+        (data / "logs").mkdir()
+        (data / "logs" / "old.log").write_text("x")  # root-owned leftovers are handed over too
+        env = {**os.environ, "ER_DATA_DIR": str(data), "ER_RUN_AS": "nobody",
+               "ER_KEYS_FILE": str(data / "er_api_keys.json")}
+        # What the gateway does first: create its keys file and the lock beside it (the command
+        # stands in for the gateway so the test does not depend on `nobody` reading this checkout).
+        write = 'touch "$ER_KEYS_FILE" "$ER_KEYS_FILE.lock" && id -u'
+        r = subprocess.run([str(ROOT / "deploy" / "docker-entrypoint.sh"), "sh", "-c", write], env=env,
+                           capture_output=True, text=True, timeout=60)
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert r.returncode == 0 and r.stdout.strip() == str(nobody), r.stderr
+        for p in (data, data / "logs", data / "logs" / "old.log", data / "er_api_keys.json"):
+            assert p.stat().st_uid == nobody, p
+        # Not root: the command runs as it is, as whoever started the container.
+        r = subprocess.run(["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
+                            str(ROOT / "deploy" / "docker-entrypoint.sh"), "id", "-u"], env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == str(nobody), r.stderr
+    finally:
+        shutil.rmtree(top)
+
+
+def test_deploy_script_on_a_one_gpu_host(tmp_path: Path) -> None:
+    """With one GPU (nvidia-smi -L), `start` runs compose with both models on GPU 0 and the memory
+    split, unless the user set those in the environment or .env."""
+    shutil.copy(ROOT / "docker-deploy.sh", tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "docker").write_text(
+        '#!/bin/sh\necho "docker $* EMBEDDING_GPU=$EMBEDDING_GPU RERANKER_GPU=$RERANKER_GPU '
+        'MEM=$EMBEDDING_GPU_MEMORY_UTILIZATION/$RERANKER_GPU_MEMORY_UTILIZATION" >> "$(dirname "$0")/../docker.log"\n')
+    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA A10 (UUID: GPU-0)'\n")
+    for f in ("docker", "nvidia-smi"):
+        (tmp_path / "bin" / f).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if "GPU" not in k}
+    env["PATH"] = f"{tmp_path / 'bin'}:{env['PATH']}"
+    env["VLLM_API_KEY"] = "k"
+    r = subprocess.run(["./docker-deploy.sh", "start"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "one GPU: both models on GPU 0" in r.stdout
+    assert "EMBEDDING_GPU=0 RERANKER_GPU=0 MEM=0.40/0.50" in (tmp_path / "docker.log").read_text()
+    (tmp_path / ".env").write_text("RERANKER_GPU_MEMORY_UTILIZATION=0.45\n")
+    (tmp_path / "docker.log").unlink()
+    r = subprocess.run(["./docker-deploy.sh", "start"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "memory split" not in r.stdout
+    assert "EMBEDDING_GPU=0 RERANKER_GPU=0 MEM=/" in (tmp_path / "docker.log").read_text()  # .env decides

@@ -210,10 +210,31 @@ def test_max_length_over_the_context_is_lowered_to_fit(stack: Stack) -> None:
     r = stack.gw.post("/rerank", {"query": "q", "documents": [long, "short"], "max_length": 8192})
     assert r.status_code == 200, r.text
     applied = int(r.headers["X-Max-Length-Applied"])
-    frame = len(rerank_query_part("q", DEFAULT_INSTRUCTION).encode()) + len(rerank_document_part("").encode())
-    assert applied == 512 - frame - 2  # the context less a byte bound on the query and template
+    frame = rerank_query_part("q", DEFAULT_INSTRUCTION) + rerank_document_part("")
+    # The context less the query and template as the backend's /tokenize counts them (the stand-in
+    # counts words), not less a byte bound, which would cut far more than needed.
+    assert applied == 512 - len(frame.split(" ")) - 2
     sent = stack.rer.stats()["last_body"]["text_2"][0]
     assert sent.startswith(rerank_document_part("")[:12] + "word word") and applied <= len(sent.split()) < 512  # cut to fit, not refused
     assert len(r.json()["scores"]) == 2
     r = stack.gw.post("/rerank", {"query": "q", "documents": [long], "max_length": 100})
     assert r.status_code == 200 and "X-Max-Length-Applied" not in r.headers  # already fits
+
+
+def test_reload_with_settings_is_a_409_naming_the_command_when_unmanaged(stack: Stack) -> None:
+    """Seed 000's body on a gateway that does not manage vLLM: never a silent 200."""
+    seed = {"model_path": "/models/Qwen3-Reranker-4B", "model_size": "4B", "gpu_memory_utilization": 0.8,
+            "max_model_len": 4096}
+    r = stack.gw.post("/reload_model", seed)
+    assert r.status_code == 409, r.text
+    msg = r.json()["error"]["message"]
+    assert ("RERANKER_MODEL_PATH=/models/Qwen3-Reranker-4B MODEL_SIZE=4B RERANKER_GPU_MEMORY_UTILIZATION=0.8 "
+            "MAX_MODEL_LEN=4096 ./start_vllm_models.sh --restart --only reranker") in msg
+    assert "--manage-models" in msg
+    r = stack.gw.post("/reload_model", {"kind": "embedding", "model_size": "8B"})
+    assert r.status_code == 409 and "MODEL_SIZE=8B ./start_vllm_models.sh --restart --only embedding" in r.text
+    r = stack.gw.post("/reload_model", {"model_pth": "/x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model_pth"
+    r = stack.gw.post("/reload_model", {"model_size": "5B"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model_size"
+    assert stack.gw.post("/reload_model", {}).json()["status"] == "reloaded"  # {}: re-read the files

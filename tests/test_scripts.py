@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -347,3 +348,117 @@ def test_compose_and_systemd_start_the_embedding_with_matryoshka() -> None:
     assert '--hf-overrides={"is_matryoshka":true}' in (ROOT / "docker-compose.yml").read_text()
     unit = (ROOT / "deploy" / "systemd" / "vllm-embedding.service").read_text()
     assert "--hf-overrides '{\"is_matryoshka\":true}'" in unit
+
+
+def fake_nvidia_smi(tmp: Path, gpus: int) -> str:
+    """A PATH with an `nvidia-smi` that lists `gpus` GPUs (-L), before the real PATH."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    lines = "".join(f"echo 'GPU {i}: NVIDIA A10 (UUID: GPU-{i})'\n" for i in range(gpus))
+    smi.write_text(f"#!/bin/sh\n{lines}")
+    smi.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_one_gpu_host_puts_both_models_on_it_and_splits_memory(tmp_path: Path) -> None:
+    env = env_for(tmp_path, DEVICE="auto", PATH=fake_nvidia_smi(tmp_path, 1))
+    try:
+        r = run("start_vllm_models.sh", env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "device cuda" in r.stdout and "both models on GPU 0: memory split embedding 0.40 + reranker 0.50" in r.stdout
+        emb, rer = sorted(record(env), key=lambda l: "--convert" not in l)
+        assert "CUDA_VISIBLE_DEVICES=0" in emb and "--gpu-memory-utilization 0.40" in emb
+        assert "CUDA_VISIBLE_DEVICES=0" in rer and "--gpu-memory-utilization 0.50" in rer
+    finally:
+        run("stop_vllm_models.sh", env)
+
+
+def test_same_gpu_given_explicitly_and_single_model_hosts(tmp_path: Path) -> None:
+    two = fake_nvidia_smi(tmp_path, 2)
+    env = env_for(tmp_path, DEVICE="cuda", PATH=two, EMBEDDING_GPU="1", RERANKER_GPU="1")
+    try:
+        assert run("start_vllm_models.sh", env).returncode == 0
+        assert all("CUDA_VISIBLE_DEVICES=1" in l for l in record(env))
+        assert sorted("--gpu-memory-utilization 0.40" in l for l in record(env)) == [False, True]
+    finally:
+        run("stop_vllm_models.sh", env)
+    # Only the reranker on this host: it keeps the whole default share.
+    env = env_for(tmp_path / "b", DEVICE="cuda", PATH=two, EMBEDDING_GPU="1", RERANKER_GPU="1")
+    try:
+        r = run("start_vllm_models.sh", env, "--only", "reranker")
+        assert r.returncode == 0 and "split" not in r.stdout
+        (rer,) = record(env)
+        assert "--gpu-memory-utilization 0.97" in rer
+    finally:
+        run("stop_vllm_models.sh", env)
+    # Settings that cannot both fit are warned about, not changed.
+    env = env_for(tmp_path / "c", DEVICE="cuda", PATH=two, EMBEDDING_GPU="0", RERANKER_GPU="0",
+                  GPU_MEMORY_UTILIZATION="0.6")
+    try:
+        r = run("start_vllm_models.sh", env)
+        assert r.returncode == 0 and "warning: both models on GPU 0 ask for 0.6 + 0.6" in r.stderr
+        assert all("--gpu-memory-utilization 0.6" in l for l in record(env))
+    finally:
+        run("stop_vllm_models.sh", env)
+
+
+def test_run_sh_starts_the_local_models_serves_manages_and_stops_them(tmp_path: Path) -> None:
+    """The README's first command, end to end with the stand-in `vllm`: nothing running before,
+    everything up after, /reload_model managed, and SIGTERM leaves nothing behind."""
+    env = env_for(tmp_path)
+    logs, port = tmp_path / "logs", free_port()
+    keys = tmp_path / "keys.json"
+    made = subprocess.run([sys.executable, str(ROOT / "embedding_reranker_proxy.py"), "--keys-file", str(keys),
+                           "keys", "create", "--name", "ops", "--admin"], capture_output=True, text=True)
+    key = made.stdout.strip()
+    out = tmp_path / "run.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "run.sh"), "--host", "127.0.0.1", "--port", str(port),
+             "--embedding-url", f"http://127.0.0.1:{env['EMBEDDING_PORT']}",
+             "--reranker-url", f"http://127.0.0.1:{env['RERANKER_PORT']}",
+             "--log-dir", str(logs), "--keys-file", str(keys), "--health-interval", "0.3"],
+            env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    try:
+        def ready() -> bool:
+            h = httpx.get(url + "/health", timeout=2)
+            return h.status_code == 200 and h.json()["status"] == "healthy"
+
+        wait_until(ready, 90, "gateway with both models", proc)  # type: ignore[arg-type]
+        text = out.read_text()
+        assert "starting the embedding model" in text and "reranker model healthy on port" in text
+        assert (logs / "embedding.pid").exists() and (logs / "reranker.pid").exists()
+        pids = [int((logs / f).read_text()) for f in ("embedding.pid", "reranker.pid")]
+        r = httpx.post(url + "/v1/embeddings", json={"input": "x"}, headers=auth)
+        assert r.status_code == 200, r.text  # the backend key reached both sides
+        r = httpx.post(url + "/reload_model", json={"model_size": "4B"}, headers=auth, timeout=60)
+        assert r.status_code == 200 and r.json()["served_as"] == "Qwen3-Reranker-4B", r.text  # --manage-models is on
+        pids[1] = int((logs / "reranker.pid").read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 143
+        assert all(gone(p) for p in pids), "a vLLM server started by run.sh survived its SIGTERM"
+        assert not (logs / "embedding.pid").exists() and not (logs / "reranker.pid").exists()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        run("stop_vllm_models.sh", {**env, "LOG_DIR": str(logs)})
+
+
+def test_run_sh_no_models_starts_only_the_gateway(tmp_path: Path) -> None:
+    env = env_for(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "run.sh"), "--no-models", "--host", "127.0.0.1", "--port", str(port),
+         "--embedding-url", f"http://127.0.0.1:{env['EMBEDDING_PORT']}", "--reranker-url", "none",
+         "--log-dir", str(tmp_path / "logs"), "--keys-file", str(tmp_path / "keys.json")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 503, 60, "gateway", proc)  # type: ignore[arg-type]
+        assert not Path(env["FAKE_VLLM_RECORD"]).exists()  # no vLLM was started
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

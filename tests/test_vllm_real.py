@@ -69,8 +69,8 @@ class Tier:
     startup_s: float
     backend_key: str
 
-    def reference(self, mode: str, items: list[str]) -> list:  # type: ignore[type-arg]
-        model = self.models / ("tiny-qwen3-embedding" if mode == "embed" else "tiny-qwen3-reranker")
+    def reference(self, mode: str, items: list[str], model_dir: str | None = None) -> list:  # type: ignore[type-arg]
+        model = self.models / (model_dir or ("tiny-qwen3-embedding" if mode == "embed" else "tiny-qwen3-reranker"))
         r = subprocess.run([str(self.bin / "python"), str(ROOT / "tests" / "vllm_reference.py"), mode, str(model)],
                            input=json.dumps(items), capture_output=True, text=True, check=True,
                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -300,16 +300,19 @@ def test_seed_max_length_8192_on_a_512_token_model_gets_scores(tier: Tier) -> No
     """The document is cut further so that query + template + document fit; the cut is the
     reference tokenizer's, so the scores equal the reference on the cut document."""
     long_doc = "Paris is the capital of France and a large city with many museums and parks " * 60
-    for gw, mode in ((tier.gw, "bound"), (tier.gw_server_mode, "exact")):
+    applied_by = {}
+    for gw, mode in ((tier.gw, "vLLM /tokenize"), (tier.gw_server_mode, "gateway tokenizer")):
         r = gw.post("/rerank", {"model": RER_NAME, "query": QUERY, "documents": [long_doc, DOCS[1]],
                                 "max_length": 8192})
         assert r.status_code == 200, (mode, r.text)
-        applied = int(r.headers["X-Max-Length-Applied"])
-        assert 300 < applied < 512, applied
+        applied = applied_by[mode] = int(r.headers["X-Max-Length-Applied"])
+        assert 200 < applied < 512, applied
         cut = tier.reference("truncate", [[long_doc, applied]])[0]
         expected = tier.reference("rerank", [rerank_prompt(QUERY, cut, DEFAULT_INSTRUCTION),
                                              rerank_prompt(QUERY, DOCS[1], DEFAULT_INSTRUCTION)])
         assert all(abs(g - w) <= 1e-5 for g, w in zip(r.json()["scores"], expected)), mode
+    # both ways count the query and template alike (the document's share is what is left)
+    assert abs(applied_by["vLLM /tokenize"] - applied_by["gateway tokenizer"]) <= 2, applied_by
 
 
 def test_token_budget_reserved_with_the_tokenizer_is_settled_to_vllm_usage(tier: Tier) -> None:
@@ -361,6 +364,34 @@ def test_split_batch_across_two_real_replicas(tier: Tier) -> None:
     assert [x["index"] for x in s["results"]] == [x["index"] for x in w["results"]]
     assert all(abs(p - q) <= 1e-6 for p, q in zip(s["scores"], w["scores"]))
     assert s["usage"] == w["usage"]
+
+
+def test_reload_model_switches_the_reranker_checkpoint(tier: Tier, tmp_path: Path) -> None:
+    """--manage-models: seed 000's /reload_model body restarts A's reranker on another tiny
+    checkpoint through start_vllm_models.sh; the scores become that checkpoint's, and a reload
+    back restores the first one's."""
+    rer_url = f"http://127.0.0.1:{tier.env_a['RERANKER_PORT']}"
+    gw = start_gateway(tmp_path, "--manage-models", "--log-dir", tier.env_a["LOG_DIR"], "--embedding-url", "none",
+                       "--reranker-url", rer_url, "--reranker-model", RER_NAME, "--health-interval", "1",
+                       env={**tier.env_a, "ER_BACKEND_API_KEY": tier.backend_key})
+    pairs = [rerank_prompt(QUERY, d, DEFAULT_INSTRUCTION) for d in DOCS]
+    first, second = tier.reference("rerank", pairs), tier.reference("rerank", pairs, "tiny-qwen3-reranker-b")
+    assert max(abs(a - b) for a, b in zip(first, second)) > 1e-3  # the two checkpoints score differently
+    try:
+        for checkpoint, expected in (("tiny-qwen3-reranker-b", second), ("tiny-qwen3-reranker", first)):
+            t0 = time.monotonic()
+            r = httpx.post(gw.url + "/reload_model", headers=gw.auth, timeout=600,
+                           json={"kind": "reranker", "model_path": str(tier.models / checkpoint),
+                                 "max_model_len": 512, "gpu_memory_utilization": 0.9})
+            assert r.status_code == 200, r.text
+            print(f"\n[real-vLLM tier] reload to {checkpoint}: {time.monotonic() - t0:.1f} s")
+            scores = gw.post("/rerank", {"query": QUERY, "documents": DOCS}).json()["scores"]
+            assert all(abs(g - w) <= 1e-5 for g, w in zip(scores, expected)), (checkpoint, scores, expected)
+        # the other gateway in front of the same server noticed nothing but the swap
+        wait_until(lambda: tier.gw.post("/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200, 10,
+                   "the other gateway serving again")
+    finally:
+        gw.stop()
 
 
 def test_check_status_then_stop_leaves_nothing(tier: Tier) -> None:
