@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import shlex
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -147,12 +148,16 @@ class ModelManager:
                     f"{script_kind(kind).upper()}_PORT": str(urlsplit(replica.url).port)}
             if self.settings.backend_api_key:
                 full["VLLM_API_KEY"] = self.settings.backend_api_key  # every replica keeps the gateway's key
-            proc = await asyncio.create_subprocess_exec(
-                str(START_SCRIPT), "--restart", "--only", script_kind(kind), env=full, cwd=str(ROOT),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            )
-            out, _ = await proc.communicate()
-            text = out.decode(errors="replace")
+            # The script's output goes to a file, not a pipe: the vLLM server it leaves running
+            # could inherit a pipe's end (uvloop does not mark it close-on-exec) and hold it open.
+            with tempfile.TemporaryFile() as out:
+                proc = await asyncio.create_subprocess_exec(
+                    str(START_SCRIPT), "--restart", "--only", script_kind(kind), env=full, cwd=str(ROOT),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT, close_fds=True,
+                )
+                await proc.wait()
+                out.seek(0)
+                text = out.read().decode(errors="replace")
             log.info("start_vllm_models.sh for replica %s of %s exited %s", index, pool.model.name, proc.returncode)
             ok = proc.returncode == 0
             await self.upstreams.check(replica)

@@ -271,8 +271,9 @@ class Fake:
                                   "usage": {"total_tokens": tokens}, "results": results})
 
     async def tokenize(self, data: dict[str, Any]) -> web.Response:
-        words = str(data.get("prompt", "")).split(" ")
-        # one "token" per word; ids index a per-process table so detokenize can invert them
+        words = str(data.get("prompt", "")).split()
+        # one "token" per word, split as count_tokens splits (vLLM's /tokenize and /score agree too);
+        # ids index a per-process table so detokenize can invert them
         ids = []
         for w in words:
             ids.append(VOCAB.setdefault(w, len(VOCAB)))

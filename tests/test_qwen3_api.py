@@ -213,7 +213,7 @@ def test_max_length_over_the_context_is_lowered_to_fit(stack: Stack) -> None:
     frame = rerank_query_part("q", DEFAULT_INSTRUCTION) + rerank_document_part("")
     # The context less the query and template as the backend's /tokenize counts them (the stand-in
     # counts words), not less a byte bound, which would cut far more than needed.
-    assert applied == 512 - len(frame.split(" ")) - 2
+    assert applied == 512 - len(frame.split()) - 2
     sent = stack.rer.stats()["last_body"]["text_2"][0]
     assert sent.startswith(rerank_document_part("")[:12] + "word word") and applied <= len(sent.split()) < 512  # cut to fit, not refused
     assert len(r.json()["scores"]) == 2

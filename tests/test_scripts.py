@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ROOT, free_port, start_gateway
+from conftest import ROOT, free_port, start_gateway, wait_until
 
 FAKE = ROOT / "tests" / "fake_vllm_bin.sh"
 
