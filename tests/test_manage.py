@@ -48,21 +48,22 @@ def managed(tmp: Path, replicas: int) -> Managed:
     return Managed(gw, env, ports)
 
 
+def stop(m: Managed) -> None:
+    m.gw.stop()
+    for i, p in enumerate(m.ports):
+        run("stop_vllm_models.sh", {**m.env, "LOG_DIR": m.env["LOG_DIR"] + ("" if i == 0 else f"/reranker-{p}")})
+
+
 @pytest.fixture
 def one(tmp_path: Path) -> Iterator[Managed]:
-    m = managed(tmp_path, 1)
-    yield m
-    m.gw.stop()
-    run("stop_vllm_models.sh", m.env)
+    yield (m := managed(tmp_path, 1))
+    stop(m)
 
 
 @pytest.fixture
 def two(tmp_path: Path) -> Iterator[Managed]:
-    m = managed(tmp_path, 2)
-    yield m
-    m.gw.stop()
-    run("stop_vllm_models.sh", m.env)
-    run("stop_vllm_models.sh", {**m.env, "LOG_DIR": f"{m.env['LOG_DIR']}/reranker-{m.ports[1]}"})
+    yield (m := managed(tmp_path, 2))
+    stop(m)
 
 
 class Load:
