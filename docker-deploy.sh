@@ -44,6 +44,8 @@ ensure_backend_key() {
 # Whether VAR is set in the environment or in .env (compose gives the environment precedence, so a
 # default exported here must not hide the user's .env).
 given() { [ -n "${!1:-}" ] || grep -qE "^$1=.+" .env 2>/dev/null; }
+# Its value, from the environment or else .env (empty when neither sets it).
+value() { if [ -n "${!1:-}" ]; then printf '%s' "${!1}"; else sed -n "s/^$1=//p" .env 2>/dev/null | tail -n1; fi; }
 
 # A host with one GPU: both models on GPU 0 with its memory split (the defaults, GPUs 1 and 0 at
 # 0.90 and 0.97, need two). Only what the user left unset.
@@ -51,10 +53,10 @@ one_gpu_defaults() {
   [ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)" = 1 ] || return 0
   given EMBEDDING_GPU || export EMBEDDING_GPU=0
   given RERANKER_GPU || export RERANKER_GPU=0
-  [ "$EMBEDDING_GPU" = "$RERANKER_GPU" ] || return 0
+  [ "$(value EMBEDDING_GPU)" = "$(value RERANKER_GPU)" ] || return 0
   if ! given EMBEDDING_GPU_MEMORY_UTILIZATION && ! given RERANKER_GPU_MEMORY_UTILIZATION && ! given GPU_MEMORY_UTILIZATION; then
     export EMBEDDING_GPU_MEMORY_UTILIZATION=0.40 RERANKER_GPU_MEMORY_UTILIZATION=0.50
-    echo "one GPU: both models on GPU $EMBEDDING_GPU, memory split embedding 0.40 + reranker 0.50"
+    echo "one GPU: both models on GPU $(value EMBEDDING_GPU), memory split embedding 0.40 + reranker 0.50"
   fi
 }
 

@@ -11,8 +11,9 @@ if [ "$(id -u)" = 0 ]; then
   uid=$(id -u "$RUN_AS")
   gid=$(id -g "$RUN_AS")
   mkdir -p "$DATA_DIR/logs"
-  # Only what is not already the gateway's, so a restart with a large log directory stays fast.
-  find "$DATA_DIR" \( ! -user "$uid" -o ! -group "$gid" \) -exec chown -h "$uid:$gid" {} +
+  # chown -R -h walks the tree without following symlinks (GNU fts, physical walk), so a link
+  # placed in the bind mount cannot lead root's chown outside it.
+  chown -R -h "$uid:$gid" "$DATA_DIR"
   exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@"
 fi
 exec "$@"

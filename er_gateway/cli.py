@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -96,8 +97,9 @@ def local_models(settings: Any) -> int:
 
     local = local_replicas(settings)
     every = sum(len(m.urls) for m in settings.models)
-    print(f"MANAGE {'yes' if local and len(local) == every else 'no'}")
-    print(f"LOGDIR {settings.log_dir}")
+    manage = local and len(local) == every and settings.workers == 1
+    print(f"MANAGE {'yes' if manage else 'no'}")
+    print(f"LOGDIR {Path(settings.log_dir).absolute()}")
     for kind, port, log_dir, url in local:
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:

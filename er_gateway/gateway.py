@@ -191,7 +191,7 @@ class Gateway:
 
     def names_of(self, model: ModelConfig) -> list[str]:
         """Every name that reaches `model`: what its backends serve first, then the configured ones."""
-        return list(dict.fromkeys([*self.upstreams.pools[model.name].served_names, model.name, *model.aliases]))
+        return list(dict.fromkeys([*self.upstreams.pools[model.name].own_names, model.name, *model.aliases]))
 
     def may_use(self, key: ApiKey, model: ModelConfig) -> bool:
         return key.models is None or not set(self.names_of(model)).isdisjoint(key.models)

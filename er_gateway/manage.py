@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import GatewayError
+from .observability import log_field
 from .protocol import ReloadModelRequest
 from .settings import Kind, Settings, is_loopback_url
 from .upstream import Pool, Replica, Upstreams
@@ -66,7 +67,7 @@ def command(kind: Kind, env: dict[str, str]) -> str:
 
 
 def replica_log_dir(settings: Settings, kind: Kind, index: int, url: str) -> Path:
-    base = Path(settings.log_dir)
+    base = Path(settings.log_dir).absolute()  # the script runs from the repository root
     return base if index == 0 else base / f"{script_kind(kind)}-{urlsplit(url).port}"
 
 
@@ -105,9 +106,12 @@ class ModelManager:
         async with self._lock:
             previous = self._current[req.kind]
             new = {**previous, **wanted}
+            path_var = f"{script_kind(req.kind).upper()}_MODEL_PATH"
+            if "MODEL_SIZE" in wanted and path_var not in wanted:
+                new.pop(path_var, None)  # a new size means that size's weights, not an older path
             start = time.monotonic()
             log.info("reloading %s (%d replica(s)) with %s", pool.model.name, len(pool.replicas),
-                     command(req.kind, new))
+                     log_field(command(req.kind, new)))
             for i, replica in enumerate(pool.replicas):
                 ok, tail = await self._restart(pool, i, replica, new)
                 if not ok:

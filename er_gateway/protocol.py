@@ -79,6 +79,15 @@ class ReloadModelRequest(BaseModel):
     def _kind_alias(cls, v: Any) -> Any:
         return {"reranker": "rerank", "embed": "embedding", "embeddings": "embedding"}.get(v, v)
 
+    @field_validator("model_path")
+    @classmethod
+    def _plain_path(cls, v: str | None) -> str | None:
+        # It becomes vLLM's first argument: a leading dash would be read as an option.
+        if v is not None and (v.startswith("-") or not v.isprintable()):
+            raise ValueError("model_path must be a hub name or a path, not starting with '-' and "
+                             "without control characters")
+        return v
+
     def settings(self) -> dict[str, Any]:
         """The settings asked for (the fields given, without `kind`)."""
         return self.model_dump(exclude={"kind"}, exclude_none=True)

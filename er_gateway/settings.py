@@ -150,6 +150,11 @@ class Settings(BaseModel):
                 if n in names:
                     raise ValueError(f"model name {n!r} is configured twice")
                 names.add(n)
+        if self.manage_models and self.workers > 1:
+            raise ValueError(
+                "--manage-models needs --workers 1: a reload drains and restarts replicas from one "
+                "process, and other workers would keep sending to a server being restarted"
+            )
         if self.workers > 1 and not self.redis_url:
             raise ValueError(
                 "--workers > 1 needs --redis-url: each worker would keep its own in-memory "

@@ -22,6 +22,8 @@ from .httpclient import ConnectError, DisconnectError, HTTPPool, ProtocolError, 
 from .settings import ModelConfig, Settings
 
 log = logging.getLogger("er_gateway.upstream")
+MODELS_MAX_BYTES = 1 << 20  # a /v1/models answer read for names (vLLM's is a few hundred bytes)
+MODELS_MAX_NAMES = 16
 
 
 @dataclass(eq=False)
@@ -83,6 +85,9 @@ class Pool:
     # they serve, then theirs. None when replicas serve different names: bodies then carry no
     # `model` and each vLLM server uses its one model.
     upstream_name: str | None = None
+    # The reported names clients may use for this model (no other model's; Upstreams.learn_names).
+    own_names: list[str] = field(default_factory=list)
+    ignored_names: list[str] = field(default_factory=list)
     _rr: itertools.count = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
@@ -109,8 +114,8 @@ class Pool:
 
     @property
     def max_model_len(self) -> int | None:
-        """The smallest context length a replica reports: a request must fit any of them."""
-        lens = [r.max_model_len for r in self.replicas if r.max_model_len]
+        """The smallest context length a healthy replica reports: a request must fit any of them."""
+        lens = [r.max_model_len for r in self.replicas if r.max_model_len and r.healthy]
         return min(lens) if lens else None
 
     def model_field(self) -> dict[str, str]:
@@ -318,12 +323,12 @@ class Upstreams:
         with an answer of another shape, keeps what was known: names only ever come from vLLM.
         """
         resp = await replica.client.request("GET", "/v1/models", timeout=self.settings.health_timeout)
-        if resp.status != 200:
-            return
+        if resp.status != 200 or len(resp.body) > MODELS_MAX_BYTES:
+            return  # a real vLLM lists one model in a few hundred bytes: anything huge is not one
         try:
-            cards = orjson.loads(resp.body)["data"]
-            served = tuple(c["id"] for c in cards if isinstance(c.get("id"), str))
-            lens = [c["max_model_len"] for c in cards if isinstance(c.get("max_model_len"), int)]
+            cards = orjson.loads(resp.body)["data"][:MODELS_MAX_NAMES]
+            served = tuple(c["id"] for c in cards if isinstance(c.get("id"), str) and 0 < len(c["id"]) <= 256)
+            lens = [n for c in cards if type(n := c.get("max_model_len")) is int and 16 <= n <= 1 << 24]
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return
         if served and served != replica.served:
@@ -336,14 +341,31 @@ class Upstreams:
         self.learn_names()
 
     def learn_names(self) -> None:
-        """Each pool follows its replicas' names; `served` maps every reported name to its model."""
+        """Each pool follows its replicas' names; `served` maps every reported name to its model.
+
+        A reported name that is another model's configured name or alias, or that two models'
+        backends both report, is no one's: a backend must not pull another model's traffic (or
+        a key limited to that name) to itself.
+        """
+        configured = {n: p.model.name for p in self.pools.values() for n in (p.model.name, *p.model.aliases)}
+        claims: dict[str, set[str]] = {}
+        for pool in self.pools.values():
+            for name in pool.served_names:
+                claims.setdefault(name, set()).add(pool.model.name)
         served: dict[str, ModelConfig] = {}
         for pool in self.pools.values():
+            own = [n for n in pool.served_names if claims[n] == {pool.model.name}
+                   and configured.get(n, pool.model.name) == pool.model.name]
+            ignored = sorted(set(pool.served_names) - set(own))
+            if ignored and ignored != pool.ignored_names:
+                log.warning("model %s: a backend reports serving %s, which belong(s) to another model; ignored",
+                            pool.model.name, log_field(", ".join(ignored)))
+            pool.own_names, pool.ignored_names = own, ignored
             if pool.learn_names():
                 log.info("model %s is now asked for upstream as %s", pool.model.name,
                          log_field(pool.upstream_name or "(each replica's own model)"))
-            for name in pool.served_names:
-                served.setdefault(name, pool.model)
+            for name in own:
+                served[name] = pool.model
         self.served = served
 
     async def _health_loop(self) -> None:

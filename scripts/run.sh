@@ -27,7 +27,7 @@ done <<< "$plan"
 started=()  # "kind port log_dir" of the servers this run started, to stop on the way out
 stop_started() {
   local kind port dir
-  for s in "${started[@]}"; do
+  for s in ${started[@]+"${started[@]}"}; do
     read -r kind port dir <<< "$s"
     LOG_DIR=$dir ./stop_vllm_models.sh --only "$kind" || true
   done
@@ -47,20 +47,41 @@ if [ ${#starts[@]} -gt 0 ]; then
   trap 'stop_started; exit 130' INT
   trap 'stop_started; exit 143' TERM
   [ -n "${ER_BACKEND_API_KEY:-}" ] && export VLLM_API_KEY=${VLLM_API_KEY:-$ER_BACKEND_API_KEY}
+  # The first replica of each model lives in the gateway's --log-dir: both start in one call,
+  # so the start script sees both models (one GPU: it splits the memory between them). Further
+  # replicas start one by one in their own directories, with the backend key of the first.
+  first_env=() first_kinds=() rest=()
   for s in "${starts[@]}"; do
     read -r kind port dir <<< "$s"
-    # One backend key for every server, the one the gateway reads from its --log-dir: generated
-    # there by the first start (a model's first replica lives there), given to the others.
+    if [ "$dir" = "$log_dir" ]; then
+      first_kinds+=("$kind")
+      if [ "$kind" = embedding ]; then first_env+=("EMBEDDING_PORT=$port"); else first_env+=("RERANKER_PORT=$port"); fi
+    else
+      rest+=("$s")
+    fi
+  done
+  if [ ${#first_kinds[@]} -gt 0 ]; then
+    only=(); [ ${#first_kinds[@]} = 1 ] && only=(--only "${first_kinds[0]}")
+    echo "starting the ${first_kinds[*]} model(s) (logs and pids in $log_dir)"
+    for k in "${first_kinds[@]}"; do started+=("$k - $log_dir"); done  # stopped on the way out, even mid-start
+    if ! env LOG_DIR="$log_dir" "${first_env[@]}" ./start_vllm_models.sh "${only[@]}"; then
+      echo "error: the ${first_kinds[*]} model(s) did not start; stopping what this run started" >&2
+      stop_started; exit 1
+    fi
+  fi
+  for s in ${rest[@]+"${rest[@]}"}; do
+    read -r kind port dir <<< "$s"
+    # One backend key for every server: the one the gateway reads from its --log-dir.
     if [ -z "${VLLM_API_KEY:-}" ] && [ -r "$log_dir/vllm_api_key" ]; then
       VLLM_API_KEY=$(head -n1 "$log_dir/vllm_api_key" | tr -d '[:space:]'); export VLLM_API_KEY
     fi
-    echo "starting the $kind model on port $port (log and pid in $dir)"
+    echo "starting a $kind replica on port $port (log and pid in $dir)"
     if [ "$kind" = embedding ]; then port_var=EMBEDDING_PORT; else port_var=RERANKER_PORT; fi
+    started+=("$kind $port $dir")
     if ! env LOG_DIR="$dir" "$port_var=$port" ./start_vllm_models.sh --only "$kind"; then
-      echo "error: the $kind model did not start; stopping what this run started" >&2
+      echo "error: the $kind replica on port $port did not start; stopping what this run started" >&2
       stop_started; exit 1
     fi
-    started+=("$kind $port $dir")
   done
 fi
 

@@ -17,7 +17,7 @@ from conftest import RER, GatewayProc, free_port, start_gateway, wait_until
 from er_gateway.errors import GatewayError
 from er_gateway.manage import ModelManager
 from er_gateway.protocol import ReloadModelRequest
-from er_gateway.settings import load_settings
+from er_gateway.settings import SettingsError, load_settings
 from er_gateway.upstream import Upstreams
 from test_clients import managed_only, readme_curls, run_readme_curl
 from test_scripts import env_for, record, run
@@ -165,3 +165,9 @@ def test_the_readme_reload_curl_on_a_managed_gateway(one: Managed, tmp_path: Pat
     status, body = run_readme_curl(cmd, one.gw, tmp_path)
     assert status == "200", body
     assert "Qwen/Qwen3-Reranker-4B" in record(one.env)[-1]
+
+
+def test_managing_needs_one_worker() -> None:
+    with pytest.raises(SettingsError) as e:
+        load_settings({"manage_models": True, "workers": "2", "redis_url": "redis://127.0.0.1:1/0"}, environ={})
+    assert "--manage-models needs --workers 1" in str(e.value)

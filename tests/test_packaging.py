@@ -266,3 +266,18 @@ def test_deploy_script_on_a_one_gpu_host(tmp_path: Path) -> None:
     r = subprocess.run(["./docker-deploy.sh", "start"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "memory split" not in r.stdout
     assert "EMBEDDING_GPU=0 RERANKER_GPU=0 MEM=/" in (tmp_path / "docker.log").read_text()  # .env decides
+
+
+def test_deploy_script_one_gpu_with_the_gpu_ids_only_in_dot_env(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "docker-deploy.sh", tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "docker").write_text('#!/bin/sh\necho "docker $*" >> "$(dirname "$0")/../docker.log"\n')
+    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA A10 (UUID: GPU-0)'\n")
+    for f in ("docker", "nvidia-smi"):
+        (tmp_path / "bin" / f).chmod(0o755)
+    (tmp_path / ".env").write_text("EMBEDDING_GPU=0\nRERANKER_GPU=0\n")
+    env = {k: v for k, v in os.environ.items() if "GPU" not in k}
+    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", VLLM_API_KEY="k")
+    r = subprocess.run(["./docker-deploy.sh", "start"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # read from .env, not an unbound variable
+    assert "one GPU: both models on GPU 0, memory split" in r.stdout

@@ -235,6 +235,10 @@ def test_reload_with_settings_is_a_409_naming_the_command_when_unmanaged(stack: 
     assert r.status_code == 409 and "MODEL_SIZE=8B ./start_vllm_models.sh --restart --only embedding" in r.text
     r = stack.gw.post("/reload_model", {"model_pth": "/x"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model_pth"
+    r = stack.gw.post("/reload_model", {"model_path": "--trust-remote-code"})  # would be read as a vLLM option
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model_path"
+    r = stack.gw.post("/reload_model", {"model_path": "/m\nforged log line"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model_path"
     r = stack.gw.post("/reload_model", {"model_size": "5B"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "model_size"
     assert stack.gw.post("/reload_model", {}).json()["status"] == "reloaded"  # {}: re-read the files

@@ -231,3 +231,23 @@ def test_replicas_serving_different_names_get_no_model_field(tmp_path: Path) -> 
     finally:
         for p in (gw, a, b):
             p.stop()
+
+
+def test_a_backend_cannot_claim_another_models_name(tmp_path: Path) -> None:
+    """A reranker backend that reports the embedding model's name (hostile, or started with the
+    wrong --served-model-name) gets neither that model's traffic nor keys limited to it."""
+    emb = start_backend(tmp_path, "embedding", name="emb-real")
+    rer = start_backend(tmp_path, "rerank", name=EMB)
+    gw = start_gateway(tmp_path, "--embedding-url", emb.url, "--reranker-url", rer.url,
+                       "--health-interval", "0.3")
+    try:
+        assert ids(gw) == ["emb-real", EMB, RER]  # EMB is listed once, as the embedding model's
+        assert gw.post("/v1/embeddings", {"input": "x", "model": EMB}).status_code == 200
+        assert emb.stats()["requests"] >= 1 and rer.stats()["by_path"].get("/v1/embeddings") is None
+        key = gw.cli("keys", "create", "--name", "emb-only", "--models", EMB).stdout.strip()
+        wait_until(lambda: gw.get("/v1/models", key=key).status_code == 200, 5, "key loaded")
+        assert gw.post("/v1/rerank", {"query": "q", "documents": ["d"]}, key=key).status_code == 403
+        assert "belong(s) to another model" in (gw.logs / "embedding_reranker_proxy.log").read_text()
+    finally:
+        for p in (gw, emb, rer):
+            p.stop()

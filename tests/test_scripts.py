@@ -428,7 +428,7 @@ def test_run_sh_starts_the_local_models_serves_manages_and_stops_them(tmp_path: 
 
         wait_until(ready, 90, "gateway with both models", proc)  # type: ignore[arg-type]
         text = out.read_text()
-        assert "starting the embedding model" in text and "reranker model healthy on port" in text
+        assert "starting the embedding reranker model(s)" in text and "reranker model healthy on port" in text
         assert (logs / "embedding.pid").exists() and (logs / "reranker.pid").exists()
         pids = [int((logs / f).read_text()) for f in ("embedding.pid", "reranker.pid")]
         r = httpx.post(url + "/v1/embeddings", json={"input": "x"}, headers=auth)
