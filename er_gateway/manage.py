@@ -41,23 +41,23 @@ START_SCRIPT = ROOT / "start_vllm_models.sh"
 DRAIN_TIMEOUT = 60.0  # seconds a replica's in-flight requests get before it is restarted anyway
 LOG_TAIL_LINES = 30
 
-# The body's fields, as the scripts' environment variables (the kind's prefix where it has one).
-_VARIABLES = {
-    "model_path": "{K}_MODEL_PATH",
-    "model_size": "MODEL_SIZE",
-    "gpu_memory_utilization": "{K}_GPU_MEMORY_UTILIZATION",
-    "max_model_len": "MAX_MODEL_LEN",
-}
+# The body's fields, as the scripts' environment variables (True: per kind, EMBEDDING_/RERANKER_).
+_VARIABLES = {"model_path": True, "model_size": False, "gpu_memory_utilization": True, "max_model_len": False}
 
 
 def script_kind(kind: Kind) -> str:
     return "embedding" if kind == "embedding" else "reranker"
 
 
+def kind_variable(kind: Kind, name: str) -> str:
+    """The start script's per-kind variable, e.g. RERANKER_PORT."""
+    return f"{script_kind(kind).upper()}_{name}"
+
+
 def variables(req: ReloadModelRequest) -> dict[str, str]:
     """The scripts' environment for the settings a reload asks for."""
-    prefix = script_kind(req.kind).upper()
-    return {_VARIABLES[f].format(K=prefix): str(v) for f, v in req.settings().items()}
+    return {(kind_variable(req.kind, f.upper()) if _VARIABLES[f] else f.upper()): str(v)
+            for f, v in req.settings().items()}
 
 
 def command(kind: Kind, env: dict[str, str]) -> str:
@@ -106,7 +106,7 @@ class ModelManager:
         async with self._lock:
             previous = self._current[req.kind]
             new = {**previous, **wanted}
-            path_var = f"{script_kind(req.kind).upper()}_MODEL_PATH"
+            path_var = kind_variable(req.kind, "MODEL_PATH")
             if "MODEL_SIZE" in wanted and path_var not in wanted:
                 new.pop(path_var, None)  # a new size means that size's weights, not an older path
             start = time.monotonic()
@@ -149,7 +149,7 @@ class ModelManager:
                 await asyncio.sleep(0.05)
             log_dir = replica_log_dir(self.settings, kind, index, replica.url)
             full = {**os.environ, **env, "LOG_DIR": str(log_dir),
-                    f"{script_kind(kind).upper()}_PORT": str(urlsplit(replica.url).port)}
+                    kind_variable(kind, "PORT"): str(urlsplit(replica.url).port)}
             if self.settings.backend_api_key:
                 full["VLLM_API_KEY"] = self.settings.backend_api_key  # every replica keeps the gateway's key
             # The script's output goes to a file, not a pipe: the vLLM server it leaves running

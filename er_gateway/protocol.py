@@ -11,6 +11,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from .settings import KIND_ALIASES
+
 TokenIds = list[StrictInt]
 EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
 
@@ -77,7 +79,7 @@ class ReloadModelRequest(BaseModel):
     @field_validator("kind", mode="before")
     @classmethod
     def _kind_alias(cls, v: Any) -> Any:
-        return {"reranker": "rerank", "embed": "embedding", "embeddings": "embedding"}.get(v, v)
+        return KIND_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("model_path")
     @classmethod

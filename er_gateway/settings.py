@@ -25,6 +25,8 @@ DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that
 BACKEND_KEY_FILE = "vllm_api_key"  # in the log directory, written by start_vllm_models.sh
 
 Kind = Literal["embedding", "rerank"]
+# What people type for a kind ("reranker", "embed"), as the kind it means.
+KIND_ALIASES = {"reranker": "rerank", "embed": "embedding", "embeddings": "embedding"}
 PromptMode = Literal["gateway", "server", "none"]
 
 
@@ -48,8 +50,7 @@ class ModelConfig(BaseModel):
     @field_validator("kind", mode="before")
     @classmethod
     def _kind_alias(cls, v: Any) -> Any:
-        # "reranker" and "embed" are what people type; accept them.
-        return {"reranker": "rerank", "embed": "embedding", "embeddings": "embedding"}.get(v, v)
+        return KIND_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("urls", mode="before")
     @classmethod

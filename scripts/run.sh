@@ -55,7 +55,7 @@ if [ ${#starts[@]} -gt 0 ]; then
     read -r kind port dir <<< "$s"
     if [ "$dir" = "$log_dir" ]; then
       first_kinds+=("$kind")
-      if [ "$kind" = embedding ]; then first_env+=("EMBEDDING_PORT=$port"); else first_env+=("RERANKER_PORT=$port"); fi
+      first_env+=("${kind^^}_PORT=$port")  # EMBEDDING_PORT / RERANKER_PORT
     else
       rest+=("$s")
     fi
@@ -76,9 +76,8 @@ if [ ${#starts[@]} -gt 0 ]; then
       VLLM_API_KEY=$(head -n1 "$log_dir/vllm_api_key" | tr -d '[:space:]'); export VLLM_API_KEY
     fi
     echo "starting a $kind replica on port $port (log and pid in $dir)"
-    if [ "$kind" = embedding ]; then port_var=EMBEDDING_PORT; else port_var=RERANKER_PORT; fi
     started+=("$kind $port $dir")
-    if ! env LOG_DIR="$dir" "$port_var=$port" ./start_vllm_models.sh --only "$kind"; then
+    if ! env LOG_DIR="$dir" "${kind^^}_PORT=$port" ./start_vllm_models.sh --only "$kind"; then
       echo "error: the $kind replica on port $port did not start; stopping what this run started" >&2
       stop_started; exit 1
     fi
