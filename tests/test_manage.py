@@ -4,6 +4,7 @@ restart in turn with no failed request, a failure restores the previous settings
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from conftest import RER, GatewayProc, free_port, start_gateway, wait_until
+from er_gateway import manage
 from er_gateway.errors import GatewayError
 from er_gateway.manage import ModelManager
 from er_gateway.protocol import ReloadModelRequest
@@ -171,3 +173,47 @@ def test_managing_needs_one_worker() -> None:
     with pytest.raises(SettingsError) as e:
         load_settings({"manage_models": True, "workers": "2", "redis_url": "redis://127.0.0.1:1/0"}, environ={})
     assert "--manage-models needs --workers 1" in str(e.value)
+
+
+async def test_a_stuck_request_delays_a_restart_by_the_drain_timeout_only(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica whose in-flight request never finishes is restarted after DRAIN_TIMEOUT, not never;
+    it takes no new request meanwhile."""
+    from aiohttp import web
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": RER, "max_model_len": 512}]})
+
+    app = web.Application()
+    app.router.add_get("/health", ok)
+    app.router.add_get("/v1/models", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    ran = tmp_path / "ran"
+    script = tmp_path / "start_vllm_models.sh"
+    script.write_text(f'#!/bin/sh\necho "$* $RERANKER_PORT $MAX_MODEL_LEN" >> {ran}\n')
+    script.chmod(0o755)
+    monkeypatch.setattr(manage, "START_SCRIPT", script)
+    monkeypatch.setattr(manage, "DRAIN_TIMEOUT", 0.5)
+    settings = load_settings({"embedding_urls": "none", "reranker_urls": f"http://127.0.0.1:{port}",
+                              "manage_models": True, "log_dir": str(tmp_path / "logs")}, environ={})
+    ups = Upstreams(settings)
+    ups.pools = ups.build(settings.models)
+    pool = ups.pools[RER]
+    pool.replicas[0].outstanding = 1  # a request that never returns
+    try:
+        reloading = asyncio.ensure_future(ModelManager(settings, ups).reload(ReloadModelRequest(max_model_len=256)))
+        await asyncio.sleep(0.2)
+        assert pool.pick() is None  # draining: no new request goes to it
+        start = asyncio.get_running_loop().time()
+        answer = await asyncio.wait_for(reloading, 5)
+        waited = asyncio.get_running_loop().time() - start + 0.2
+        assert 0.5 <= waited < 1.5, waited
+        assert answer["status"] == "reloaded"
+        assert ran.read_text().strip() == f"--restart --only reranker {port} 256"
+        assert pool.pick() is pool.replicas[0]  # serving again
+    finally:
+        await ups.close()
+        await runner.cleanup()

@@ -6,13 +6,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 from aiohttp import web
 
 from conftest import free_port
 from er_gateway.errors import GatewayError
 from er_gateway.settings import load_settings
-from er_gateway.upstream import Pool, Upstreams
+from er_gateway.upstream import MODELS_MAX_BYTES, Pool, Upstreams
 
 
 class Scripted:
@@ -174,3 +175,53 @@ async def test_least_outstanding_then_round_robin() -> None:
     pool.replicas[1].outstanding = 1
     assert pool.pick().url == "http://c:1"  # type: ignore[union-attr]
     await ups.close()
+
+
+async def serve_models(answer: bytes) -> tuple[str, web.AppRunner]:
+    """A backend whose /health is fine and whose /v1/models answers `answer`."""
+    async def models(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/health", _ok)
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return f"http://127.0.0.1:{port}", runner
+
+
+def cards(*items: dict) -> bytes:  # type: ignore[type-arg]
+    return orjson.dumps({"object": "list", "data": list(items)})
+
+
+@pytest.mark.parametrize("answer,served,max_len", [
+    (cards({"id": "real", "max_model_len": 4096}), ("real",), 4096),
+    # a huge answer (2 MiB of cards) is not parsed at all
+    (cards(*({"id": f"m{i}", "max_model_len": 512} for i in range(60_000))), (), None),
+    # at most 16 names; ids that are not short strings are dropped
+    (cards(*({"id": f"m{i}"} for i in range(100))), tuple(f"m{i}" for i in range(16)), None),
+    (cards({"id": 7}, {"id": ""}, {"id": "x" * 300}, {"id": ["a"]}, {"id": "ok"}), ("ok",), None),
+    # context lengths that no model has are ignored, not used to cut documents to nothing
+    (cards({"id": "a", "max_model_len": True}, {"id": "b", "max_model_len": 0}, {"id": "c", "max_model_len": -5},
+           {"id": "d", "max_model_len": 10**12}, {"id": "e", "max_model_len": "512"}), ("a", "b", "c", "d", "e"), None),
+    (b"[1, 2", (), None),
+    (b'{"data": 3}', (), None),
+])
+async def test_hostile_models_answers_are_bounded(answer: bytes, served: tuple[str, ...], max_len: int | None) -> None:
+    url, runner = await serve_models(answer)
+    ups, pool = make([url])
+    try:
+        start = time.monotonic()
+        await ups.check_all()
+        assert time.monotonic() - start < 1.0, "reading /v1/models must stay cheap"
+        replica = pool.replicas[0]
+        assert replica.healthy  # a bad /v1/models never marks a replica down: that is /health's to say
+        assert replica.served == served and replica.max_model_len == max_len
+        assert pool.max_model_len == max_len
+        if len(answer) > MODELS_MAX_BYTES:
+            assert len(answer) > 2 * 1024 * 1024  # the case really is over the cap
+    finally:
+        await ups.close()
+        await runner.cleanup()
