@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from conftest import RER, GatewayProc, free_port, start_gateway, wait_until
@@ -23,6 +24,7 @@ from er_gateway.settings import SettingsError, load_settings
 from er_gateway.upstream import Upstreams
 from test_clients import managed_only, readme_curls, run_readme_curl
 from test_scripts import env_for, record, run
+from test_upstream import serve_models
 
 
 @dataclass
@@ -179,25 +181,15 @@ async def test_a_stuck_request_delays_a_restart_by_the_drain_timeout_only(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A replica whose in-flight request never finishes is restarted after DRAIN_TIMEOUT, not never;
     it takes no new request meanwhile."""
-    from aiohttp import web
-
-    async def ok(request: web.Request) -> web.Response:
-        return web.json_response({"data": [{"id": RER, "max_model_len": 512}]})
-
-    app = web.Application()
-    app.router.add_get("/health", ok)
-    app.router.add_get("/v1/models", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url, runner = await serve_models(orjson.dumps({"data": [{"id": RER, "max_model_len": 512}]}))
+    port = int(url.rsplit(":", 1)[1])
     ran = tmp_path / "ran"
     script = tmp_path / "start_vllm_models.sh"
     script.write_text(f'#!/bin/sh\necho "$* $RERANKER_PORT $MAX_MODEL_LEN" >> {ran}\n')
     script.chmod(0o755)
     monkeypatch.setattr(manage, "START_SCRIPT", script)
     monkeypatch.setattr(manage, "DRAIN_TIMEOUT", 0.5)
-    settings = load_settings({"embedding_urls": "none", "reranker_urls": f"http://127.0.0.1:{port}",
+    settings = load_settings({"embedding_urls": "none", "reranker_urls": url,
                               "manage_models": True, "log_dir": str(tmp_path / "logs")}, environ={})
     ups = Upstreams(settings)
     ups.pools = ups.build(settings.models)
