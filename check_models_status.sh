@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Report the state of both vLLM servers and the gateway; exit 0 only when everything is up.
 set -uo pipefail
+# shellcheck source-path=SCRIPTDIR source=scripts/vllm_common.sh
 source "$(cd "$(dirname "$0")" && pwd)/scripts/vllm_common.sh"
 
 usage() {
@@ -38,7 +39,7 @@ except Exception:
 }
 gpu_mem() {  # MiB used by the process tree of $1, or "-"
   command -v nvidia-smi >/dev/null 2>&1 || { echo "-"; return; }
-  local pids total=0 line p m
+  local pids total=0 p m
   pids=" $1 $(pgrep -g "$1" 2>/dev/null | tr '\n' ' ') "
   while IFS=, read -r p m; do
     p=${p// /}; m=${m// /}

@@ -73,7 +73,7 @@ case "${1:-}" in
   start) prepare; compose up -d;;
   stop) compose down;;
   status) compose ps
-          curl -fsS "http://127.0.0.1:${GATEWAY_PORT:-2048}/health" && echo || { echo "gateway not healthy"; exit 1; };;
+          if curl -fsS "http://127.0.0.1:${GATEWAY_PORT:-2048}/health"; then echo; else echo "gateway not healthy"; exit 1; fi;;
   logs) shift; compose logs -f --tail=200 "$@";;
   key) compose exec -u gateway gateway python embedding_reranker_proxy.py keys create --name "${NAME:-user}";;
   -h|--help|"") usage; [ -n "${1:-}" ];;

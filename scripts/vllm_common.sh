@@ -1,5 +1,7 @@
 # Shared by start_vllm_models.sh, stop_vllm_models.sh and check_models_status.sh (sourced).
 # Resolves the environment of SPEC.md "Scripts" (seed-000 names are aliases) and small helpers.
+# The variables set here are read by the scripts that source this file, not here:
+# shellcheck shell=bash disable=SC2034
 
 ER_ROOT=${ER_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 
@@ -79,7 +81,7 @@ parse_only() {
   esac
 }
 
-pid_from_file() { [ -f "$1" ] && tr -dc '0-9' < "$1" || true; }
+pid_from_file() { if [ -f "$1" ]; then tr -dc '0-9' < "$1" || true; fi; }
 pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 port_open() { (exec 3<>"/dev/tcp/${PROBE_HOST//[\[\]]/}/$1") 2>/dev/null; }
 http_code() { curl -s -o /dev/null -m "${2:-3}" -w '%{http_code}' "$1" 2>/dev/null || true; }
