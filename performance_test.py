@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load-test a running gateway (or vLLM): requests/s, p50/p95/p99 latency, errors by status.
 
-By default it measures what seed 000's tester measured: POST /rerank with
+By default it measures what the project's first load tester measured: POST /rerank with
 {"query": ..., "documents": [8 passages], "max_length": 512}, 16 at a time for 10 s.
 
     export ER_KEY=er-...     # a key with a high limit, e.g. from
@@ -40,7 +40,7 @@ from er_gateway.httpclient import ConnectError, HTTPPool, UpstreamError, _Connec
 PATHS = {"seed-rerank": "/rerank", "rerank": "/v1/rerank", "embeddings": "/v1/embeddings",
          "batch_rerank": "/batch_rerank"}
 DEFAULT_ENDPOINT = "seed-rerank"
-SEED_MAX_LENGTH = 512  # what seed 000's tester sent to /rerank
+SEED_MAX_LENGTH = 512  # what the first load tester sent to /rerank
 CREATE_KEY = "python embedding_reranker_proxy.py keys create --name bench --rpm 100000"
 
 
@@ -249,7 +249,7 @@ def main() -> int:
                     help="API key, sent as a Bearer token (default: the ER_KEY environment variable)")
     ap.add_argument("--endpoint", choices=list(PATHS), default=DEFAULT_ENDPOINT,
                     help="what to load: " + ", ".join(f"{k} = POST {v}" for k, v in PATHS.items())
-                    + " (default %(default)s, seed 000's request)")
+                    + " (default %(default)s, the first load tester's request)")
     ap.add_argument("--model", help="model name (default: the gateway's default of that kind)")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight (default %(default)s)")
     group = ap.add_mutually_exclusive_group()

@@ -8,51 +8,58 @@ and base64 strings are copied as they are).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import math
 import sys
 from array import array
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.responses import Response
 
+from .admission import Admission
+from .catalog import use_backend_name
+from .dispatch import usage_tokens
 from .errors import GatewayError
-from .gateway import Admission, Gateway, usage_tokens, use_backend_name
 from .protocol import EmbeddingRequest
 from .qwen3 import embedding_query
 from .upstream import Pool
+
+if TYPE_CHECKING:
+    from .gateway import Runtime
 
 PATH = "/v1/embeddings"
 QUERY_TYPES = ("query", "search_query")
 SPECIAL_TOKENS = 2  # per input, added by the tokenizer (Qwen3-Embedding appends <|endoftext|>)
 
 
+def input_count(inputs: Any) -> int:
+    """How many inputs `input` holds: a string or one list of token ids is one."""
+    return len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
+
+
 async def create_embeddings(
-    gw: Gateway, adm: Admission, req: EmbeddingRequest, data: dict[str, Any], raw: bytes
+    rt: Runtime, adm: Admission, req: EmbeddingRequest, data: dict[str, Any], raw: bytes
 ) -> Response:
-    pool = gw.resolve(req.model, "embedding", adm.key)
+    pool = rt.catalog.resolve(req.model, "embedding", adm.key)
     adm.info.model = pool.model.name
-    changed = _apply_gateway_fields(gw, pool, req, data)
+    changed = _apply_gateway_fields(rt, pool, req, data)
     changed = use_backend_name(data, pool) or changed
     inputs = data["input"]
-    many = isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
-    adm.info.items = len(inputs) if many else 1
-    if gw.budgets_tokens(adm.key):
-        await gw.reserve_tokens(adm, await _estimate(gw, pool, inputs, data.get("truncate_prompt_tokens")))
-    limit = gw.settings.max_batch_inputs
+    if rt.admission.budgets_tokens(adm.key):
+        estimate = await _estimate(rt, pool, inputs, data.get("truncate_prompt_tokens"))
+        await rt.admission.reserve_tokens(adm, estimate)
+    limit = rt.settings.max_batch_inputs
     cut = None
     if req.dimensions is not None and pool.refuses_dimensions and _cuttable(data):
         cut, changed = data.pop("dimensions"), True
 
     async def forward(changed: bool) -> bytes:
-        if many and len(inputs) > limit:
-            return await _split(gw, pool, adm, data, inputs, limit)
-        result = await gw.call(pool, PATH, orjson.dumps(data) if changed else raw, adm.info)
-        if not result.body.lstrip()[:1] == b"{":
-            raise GatewayError(502, "backend answered with something that is not JSON")
-        return result.body
+        if input_count(inputs) > limit:
+            chunks = [inputs[i : i + limit] for i in range(0, len(inputs), limit)]
+            bodies = [orjson.dumps({**data, "input": c}) for c in chunks]
+            return _merge(await rt.dispatch.fan_out(pool, PATH, bodies, adm), limit)
+        return (await rt.dispatch.send(pool, PATH, orjson.dumps(data) if changed else raw, adm)).body
 
     try:
         try:
@@ -68,9 +75,9 @@ async def create_embeddings(
         if cut is not None:
             body = cut_vectors(body, cut)
     except BaseException:
-        await gw.refund_tokens(adm)
+        await rt.admission.refund_tokens(adm)
         raise
-    await gw.charge_tokens(adm, pool.model.name, usage_tokens(body))
+    await rt.admission.charge_tokens(adm, pool.model.name, usage_tokens(body))
     return Response(body, media_type="application/json", headers=adm.headers)
 
 
@@ -120,7 +127,7 @@ def cut_vectors(body: bytes, dimensions: int) -> bytes:
     return orjson.dumps(answer)
 
 
-async def _estimate(gw: Gateway, pool: Pool, inputs: Any, truncate: Any = None) -> int:
+async def _estimate(rt: Runtime, pool: Pool, inputs: Any, truncate: Any = None) -> int:
     """Tokens this request will cost (exact with the tokenizer, else an upper bound)."""
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -132,10 +139,10 @@ async def _estimate(gw: Gateway, pool: Pool, inputs: Any, truncate: Any = None) 
                    for x in inputs)
     texts = [x for x in inputs if isinstance(x, str)]
     ids = sum(len(x) for x in inputs if isinstance(x, list))
-    return await gw.count_tokens(pool.model, texts) + ids + SPECIAL_TOKENS * len(inputs)
+    return await rt.catalog.count_tokens(pool.model, texts) + ids + SPECIAL_TOKENS * len(inputs)
 
 
-def _apply_gateway_fields(gw: Gateway, pool: Pool, req: EmbeddingRequest, data: dict[str, Any]) -> bool:
+def _apply_gateway_fields(rt: Runtime, pool: Pool, req: EmbeddingRequest, data: dict[str, Any]) -> bool:
     """Wrap query texts in the Qwen3 instruction; documents pass as they are."""
     if req.instruction is None and req.input_type is None:
         return False
@@ -144,7 +151,7 @@ def _apply_gateway_fields(gw: Gateway, pool: Pool, req: EmbeddingRequest, data: 
     is_query = req.input_type in QUERY_TYPES or (req.input_type is None and req.instruction is not None)
     if not is_query:
         return True
-    instruction = req.instruction or pool.model.instruction or gw.settings.default_instruction
+    instruction = req.instruction or pool.model.instruction or rt.settings.default_instruction
     inputs = data["input"]
     if isinstance(inputs, str):
         data["input"] = embedding_query(inputs, instruction)
@@ -157,37 +164,24 @@ def _apply_gateway_fields(gw: Gateway, pool: Pool, req: EmbeddingRequest, data: 
     return True
 
 
-async def _split(
-    gw: Gateway, pool: Pool, adm: Admission, data: dict[str, Any], inputs: list[Any], size: int
-) -> bytes:
-    chunks = [inputs[i : i + size] for i in range(0, len(inputs), size)]
-    bodies = [orjson.dumps({**data, "input": c}) for c in chunks]
-    answers = await asyncio.gather(*(gw.call(pool, PATH, b, adm.info) for b in bodies), return_exceptions=True)
-    # What the backend did for the chunks it answered is charged even if another chunk failed.
-    adm.done_tokens = sum(usage_tokens(a.body) or 0 for a in answers if not isinstance(a, BaseException))
-    for a in answers:
-        if isinstance(a, BaseException):
-            raise a
-    merged: dict[str, Any] | None = None
+def _merge(parts: list[dict[str, Any]], size: int) -> bytes:
+    """One embeddings answer from the answers to consecutive chunks of `size` inputs."""
+    merged = parts[0]
     items: list[dict[str, Any]] = []
     usage: dict[str, int] = {}
-    offset = 0
-    for chunk, answer in zip(chunks, answers):
-        try:
-            part = orjson.loads(answer.body)  # type: ignore[union-attr]
-            part_items = part["data"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            raise GatewayError(502, "backend answered with something that is not an embeddings list") from None
+    for n, part in enumerate(parts):
+        part_items = part.get("data")
+        if not isinstance(part_items, list) or not all(isinstance(x, dict) for x in part_items):
+            raise GatewayError(502, "backend answered with something that is not an embeddings list")
         for item in part_items:
-            item["index"] = item.get("index", 0) + offset
+            index = item.get("index", 0)
+            item["index"] = (index if isinstance(index, int) else 0) + n * size
         items.extend(part_items)
-        for k, v in (part.get("usage") or {}).items():
+        part_usage = part.get("usage")
+        for k, v in (part_usage.items() if isinstance(part_usage, dict) else ()):
             if isinstance(v, int):
                 usage[k] = usage.get(k, 0) + v
-        if merged is None:
-            merged = part
-        offset += len(chunk)
-    assert merged is not None
+    first_usage = merged.get("usage")
     merged["data"] = items
-    merged["usage"] = {**(merged.get("usage") or {}), **usage}
+    merged["usage"] = {**(first_usage if isinstance(first_usage, dict) else {}), **usage}
     return orjson.dumps(merged)

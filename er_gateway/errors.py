@@ -1,4 +1,4 @@
-"""The one error envelope of SPEC.md and the exception that carries it.
+"""The one error envelope (README, "Errors") and the exception that carries it.
 
 Every failure a client can see leaves the gateway as
 ``{"error": {"message", "type", "param", "code"}}`` with ``code`` equal to the
@@ -31,7 +31,7 @@ ERROR_TYPES: dict[int, str] = {
 
 
 class GatewayError(Exception):
-    """An error answered to the client with ``status`` in the SPEC envelope."""
+    """An error answered to the client with ``status`` in the error envelope."""
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ import os
 import shlex
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -74,13 +75,25 @@ def replica_log_dir(settings: Settings, kind: Kind, index: int, url: str) -> Pat
 class ModelManager:
     """Restarts the vLLM servers behind one kind's default model through the start script."""
 
-    def __init__(self, settings: Settings, upstreams: Upstreams) -> None:
-        self.settings = settings
-        self.upstreams = upstreams
+    def __init__(self, current: Callable[[], tuple[Settings, Upstreams]]) -> None:
+        # The configuration being served now (a reload swaps it; see gateway.py).
+        self._now = current
         self._lock = asyncio.Lock()
         # The settings each kind's servers were last (re)started with by this gateway, as script
         # variables; empty: what the gateway's own environment says (how run.sh started them).
         self._current: dict[Kind, dict[str, str]] = {"embedding": {}, "rerank": {}}
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    @property
+    def settings(self) -> Settings:
+        return self._now()[0]
+
+    @property
+    def upstreams(self) -> Upstreams:
+        return self._now()[1]
 
     def refuse_unmanaged(self, req: ReloadModelRequest) -> GatewayError:
         return GatewayError(

@@ -18,7 +18,11 @@ EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """OpenAI's embeddings request plus the Qwen3 query instruction; other vLLM fields pass through."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"model": "Qwen3-Embedding-0.6B", "input": ["what is a panda?"], "input_type": "query"},
+    ]})
 
     model: StrictStr | None = None
     input: EmbeddingInput
@@ -45,9 +49,13 @@ class RerankDocument(BaseModel):
 
 
 class RerankRequest(BaseModel):
-    """Jina/Cohere rerank, plus seed 000's `max_length` and the Qwen3 `instruction`."""
+    """Jina/Cohere rerank, plus `max_length` (truncate each document to that many tokens) and
+    the Qwen3 `instruction`."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "Qwen3-Reranker-0.6B", "query": "what is a panda?",
+         "documents": ["The giant panda is a bear.", "Paris is in France."], "top_n": 1},
+    ]})
 
     model: StrictStr | None = None
     query: StrictStr = Field(min_length=1)
@@ -63,7 +71,7 @@ class RerankRequest(BaseModel):
 
 
 class ReloadModelRequest(BaseModel):
-    """`POST /reload_model` with seed 000's body: restart one kind's vLLM servers with new settings.
+    """`POST /reload_model` with a body: restart one kind's vLLM servers with new settings.
 
     An empty body (or `{}`) re-reads the config and keys files instead.
     """
@@ -93,3 +101,136 @@ class ReloadModelRequest(BaseModel):
     def settings(self) -> dict[str, Any]:
         """The settings asked for (the fields given, without `kind`)."""
         return self.model_dump(exclude={"kind"}, exclude_none=True)
+
+
+ScoreText = Union[StrictStr, list[StrictStr]]
+
+
+class ScoreRequest(BaseModel):
+    """vLLM's own `/score`, passed through as sent: `text_1` scored against `text_2`.
+
+    The other pairs some vLLM versions take (`queries`/`documents`, `queries`/`items`,
+    `data_1`/`data_2`) reach vLLM unchecked but for their size.
+    """
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"model": "Qwen3-Reranker-0.6B", "text_1": "what is a panda?", "text_2": ["The giant panda is a bear."]},
+    ]})
+
+    model: StrictStr | None = None
+    text_1: ScoreText | None = Field(None, min_length=1)
+    text_2: ScoreText | None = Field(None, min_length=1)
+
+
+class BatchRerankRequest(BaseModel):
+    """`POST /batch_rerank`: rerank requests answered in order (a bare JSON list works too)."""
+
+    requests: list[RerankRequest] = Field(min_length=1)
+
+
+# ---- answers (documented in /openapi.json; the gateway writes them without these models) ----
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error, ...")
+    param: str | None = Field(None, description="the request field at fault, when there is one")
+    code: int = Field(description="the HTTP status")
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error the gateway answers, whatever the route or status."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str] = Field(description="floats, or base64 float32 with encoding_format=base64")
+
+
+class EmbeddingResponse(BaseModel):
+    """vLLM's answer, passed through byte for byte."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class RerankedDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="the document's position in the request")
+    relevance_score: float
+    document: RerankedDocument | None = Field(None, description="with return_documents (the default)")
+
+
+class RankedDocument(BaseModel):
+    document: str
+    score: float
+    rank: int
+
+
+class RerankResponse(BaseModel):
+    """Jina/Cohere shape; `/rerank` adds `scores` (in input order) and `ranked_documents`."""
+
+    id: str
+    model: str
+    usage: Usage
+    results: list[RerankResult] = Field(description="best first, at most top_n")
+    scores: list[float] | None = None
+    ranked_documents: list[RankedDocument] | None = None
+
+
+class ScoreItem(BaseModel):
+    index: int
+    object: str = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    """vLLM's answer, passed through byte for byte."""
+
+    model_config = ConfigDict(extra="allow")
+
+    data: list[ScoreItem]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    kind: Literal["embedding", "rerank"]
+    root: str = Field(description="the name the backend serves the model as")
+    max_model_len: int | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    """Readiness per model and replica (with `?model=`: that model's entry alone)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["healthy", "degraded", "unhealthy"] | None = None
+    model_loaded: bool | None = None
+    models: dict[str, Any] | None = None
+
+
+class ReloadAnswer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["reloaded"]

@@ -78,8 +78,10 @@ class RateLimiter:
         strategy: Strategy = "sliding-window",
         redis_timeout: float = 0.5,
         breaker_interval: float = 5.0,
+        storage: Storage | None = None,
+        on_storage_error: Callable[[], None] | None = None,
     ) -> None:
-        self.storage = make_storage(redis_url, redis_timeout)
+        self.storage = storage or make_storage(redis_url, redis_timeout)
         self.shared = redis_url is not None
         self.failure_mode = failure_mode
         self.redis_timeout = redis_timeout
@@ -97,7 +99,7 @@ class RateLimiter:
         self._items: dict[str, RateLimitItem] = {}
         self.default_rate = default_rate
         self.default_tokens = default_tokens
-        self.on_storage_error: Callable[[], None] | None = None
+        self.on_storage_error = on_storage_error
         self._last_warning = 0.0
         self.item(default_rate)  # fail at start-up on a bad spec
         if default_tokens:

@@ -1,4 +1,4 @@
-"""Rerank (Jina/Cohere and seed-000 shapes) on top of vLLM's /score.
+"""Rerank (Jina/Cohere shapes, and the `/rerank` route's extra fields) on top of vLLM's /score.
 
 Every vLLM from 0.9.2 scores `text_1` against a list `text_2`, so all rerank
 routes use /score and build the answer here; that is also what lets the
@@ -17,25 +17,31 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+from starlette.responses import Response
 
+from .admission import Admission
+from .catalog import use_backend_name
+from .dispatch import usage_tokens
 from .errors import GatewayError
-from .gateway import Admission, Gateway, usage_tokens
-from .protocol import RerankRequest
+from .protocol import RerankRequest, ScoreRequest
 from .qwen3 import rerank_document_part, rerank_query_part
 from .tokens import WINDOW_CHARS_PER_TOKEN
-from .upstream import Pool, UpstreamResult
+from .upstream import Pool
+
+if TYPE_CHECKING:
+    from .gateway import Runtime
 
 
-async def rerank(gw: Gateway, adm: Admission, req: RerankRequest, *, seed_shape: bool) -> dict[str, Any]:
-    """Score `req.documents` against `req.query`; Jina/Cohere answer (+ seed-000 fields)."""
-    pool = gw.resolve(req.model, "rerank", adm.key)
+async def rerank(rt: Runtime, adm: Admission, req: RerankRequest, *, ranked: bool) -> dict[str, Any]:
+    """Score `req.documents` against `req.query`; Jina/Cohere answer (+ the `/rerank` route's
+    `scores` and `ranked_documents`)."""
+    pool = rt.catalog.resolve(req.model, "rerank", adm.key)
     model = pool.model
-    adm.info.model = model.name
+    adm.info.model = adm.info.model or model.name  # a /batch_rerank is logged under its first model
     texts = req.texts()
-    adm.info.items = len(texts)
     if req.truncate_prompt_tokens is not None and model.prompt != "none":
         raise GatewayError(
             400,
@@ -43,17 +49,17 @@ async def rerank(gw: Gateway, adm: Admission, req: RerankRequest, *, seed_shape:
             "scores meaningless; use max_length to truncate documents instead",
             param="truncate_prompt_tokens",
         )
-    instruction = req.instruction or model.instruction or gw.settings.default_instruction
-    max_length = req.max_length and await _fit(gw, pool, adm, req.query, instruction, req.max_length)
-    sent, counts = await _truncate(gw, pool, adm, texts, max_length) if max_length else (texts, None)
-    if gw.budgets_tokens(adm.key):
-        await gw.reserve_tokens(adm, await _estimate(gw, pool, req.query, sent, instruction, counts))
+    instruction = req.instruction or model.instruction or rt.settings.default_instruction
+    max_length = req.max_length and await _fit(rt, pool, adm, req.query, instruction, req.max_length)
+    sent, counts = await _truncate(rt, pool, adm, texts, max_length) if max_length else (texts, None)
+    if rt.admission.budgets_tokens(adm.key):
+        await rt.admission.reserve_tokens(adm, await _estimate(rt, pool, req.query, sent, instruction, counts))
     try:
-        scores, tokens = await score(gw, pool, adm, req.query, sent, instruction, req.truncate_prompt_tokens)
+        scores, tokens = await score(rt, pool, adm, req.query, sent, instruction, req.truncate_prompt_tokens)
     except BaseException:
-        await gw.refund_tokens(adm)
+        await rt.admission.refund_tokens(adm)
         raise
-    await gw.charge_tokens(adm, model.name, tokens)
+    await rt.admission.charge_tokens(adm, model.name, tokens)
 
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
     if req.top_n:
@@ -70,7 +76,7 @@ async def rerank(gw: Gateway, adm: Admission, req: RerankRequest, *, seed_shape:
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "results": results,
     }
-    if seed_shape:
+    if ranked:
         answer["scores"] = scores
         answer["ranked_documents"] = [
             {"document": texts[i], "score": scores[i], "rank": rank}
@@ -84,12 +90,12 @@ FALLBACK_PARALLEL = 4  # /tokenize calls in flight per request when the gateway 
 NAME_MAX_CHARS = 1 << 20  # text tokenized at most to name an over-long document
 
 
-async def _fit(gw: Gateway, pool: Pool, adm: Admission, query: str, instruction: str, max_length: int) -> int:
+async def _fit(rt: Runtime, pool: Pool, adm: Admission, query: str, instruction: str, max_length: int) -> int:
     """`max_length`, lowered where a document that long would not fit the backend's context
     beside the query and the prompt template (vLLM refuses such a pair outright).
 
-    A client asking for `max_length` wants scores, not a 400 (seed 000 clients send 8192 to an
-    8192-token model). The context length is what the replicas report in /v1/models; the query
+    A client asking for `max_length` wants scores, not a 400 (clients of the `/rerank` route
+    send 8192 to an 8192-token model). The context length is what the replicas report in /v1/models; the query
     and template are counted with the gateway's tokenizer, else by one /tokenize call, and only
     when a byte bound says they might not fit. The lowered value is said in
     `X-Max-Length-Applied`.
@@ -102,10 +108,10 @@ async def _fit(gw: Gateway, pool: Pool, adm: Admission, query: str, instruction:
     bound = sum(map(_utf8_len, frame)) + SPECIAL_TOKENS  # tokens, from above, without tokenizing
     if max_length + bound <= limit:
         return max_length
-    if pool.model.name in gw.tokenizers:
-        used: int | None = await gw.count_tokens(pool.model, frame)
+    if rt.catalog.tokenizer(pool.model) is not None:
+        used: int | None = await rt.catalog.count_tokens(pool.model, frame)
     else:
-        used = await _backend_count(gw, pool, adm, "".join(frame))  # one call, not one per document
+        used = await _backend_count(rt, pool, adm, "".join(frame))  # one call, not one per document
     if used is None:
         return max_length  # not even vLLM could count: let it judge the pairs itself
     fit = limit - (used + SPECIAL_TOKENS)
@@ -118,17 +124,17 @@ async def _fit(gw: Gateway, pool: Pool, adm: Admission, query: str, instruction:
     return max_length
 
 
-async def _backend_count(gw: Gateway, pool: Pool, adm: Admission, text: str) -> int | None:
+async def _backend_count(rt: Runtime, pool: Pool, adm: Admission, text: str) -> int | None:
     """Tokens in `text` by vLLM's /tokenize (the gateway has no tokenizer for this model)."""
     body = {**pool.model_field(), "prompt": text, "add_special_tokens": False}
     try:
-        return len(_field(await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info), "tokens", list))
+        return len(_value(await rt.dispatch.json(pool, "/tokenize", orjson.dumps(body), adm), "tokens", list))
     except GatewayError:
         return None
 
 
 async def _estimate(
-    gw: Gateway, pool: Pool, query: str, documents: list[str], instruction: str, counts: list[int] | None
+    rt: Runtime, pool: Pool, query: str, documents: list[str], instruction: str, counts: list[int] | None
 ) -> int:
     """Tokens the pairs will cost: every pair is the query part plus one document part.
 
@@ -140,12 +146,12 @@ async def _estimate(
         query_part, doc_frame = query, ""
     else:
         query_part, doc_frame = rerank_query_part(query, instruction), rerank_document_part("")
-    per_pair = await gw.count_tokens(pool.model, [query_part, doc_frame]) + SPECIAL_TOKENS
-    docs = sum(counts) if counts is not None else await gw.count_tokens(pool.model, documents)
+    per_pair = await rt.catalog.count_tokens(pool.model, [query_part, doc_frame]) + SPECIAL_TOKENS
+    docs = sum(counts) if counts is not None else await rt.catalog.count_tokens(pool.model, documents)
     return per_pair * len(documents) + docs
 
 
-async def estimate_score_tokens(gw: Gateway, pool: Pool, data: dict[str, Any]) -> int:
+async def estimate_score_tokens(rt: Runtime, pool: Pool, data: dict[str, Any]) -> int:
     """Tokens a /score passthrough will cost: each pair is one first text plus one second text."""
     def texts(*fields: str) -> list[str]:
         for f in fields:
@@ -158,12 +164,12 @@ async def estimate_score_tokens(gw: Gateway, pool: Pool, data: dict[str, Any]) -
 
     first, second = texts("text_1", "queries", "data_1"), texts("text_2", "documents", "items", "data_2")
     pairs = max(len(first), len(second), 1)
-    first_tokens = await gw.count_tokens(pool.model, first) * (pairs if len(first) == 1 else 1)
-    return first_tokens + await gw.count_tokens(pool.model, second) + SPECIAL_TOKENS * pairs
+    first_tokens = await rt.catalog.count_tokens(pool.model, first) * (pairs if len(first) == 1 else 1)
+    return first_tokens + await rt.catalog.count_tokens(pool.model, second) + SPECIAL_TOKENS * pairs
 
 
 async def score(
-    gw: Gateway,
+    rt: Runtime,
     pool: Pool,
     adm: Admission,
     query: str,
@@ -178,7 +184,7 @@ async def score(
         docs = [rerank_document_part(d) for d in documents]
     else:
         text_1, docs = query, documents
-    size = gw.settings.max_batch_docs
+    size = rt.settings.max_batch_docs
     chunks = [docs[i : i + size] for i in range(0, len(docs), size)]
     base: dict[str, Any] = {**pool.model_field(), "text_1": text_1}
     if model.prompt == "server":
@@ -187,36 +193,49 @@ async def score(
         base["chat_template_kwargs"] = {"instruction": instruction}
     if truncate is not None:
         base["truncate_prompt_tokens"] = truncate
-    answers = await asyncio.gather(
-        *(gw.call(pool, "/score", orjson.dumps({**base, "text_2": c}), adm.info) for c in chunks),
-        return_exceptions=True,
-    )
-    # What the backend did for the chunks it answered is charged even if another chunk failed.
-    adm.done_tokens = sum(usage_tokens(a.body) or 0 for a in answers if not isinstance(a, BaseException))
+    bodies = [orjson.dumps({**base, "text_2": c}) for c in chunks]
+    try:
+        parts = await rt.dispatch.fan_out(pool, "/score", bodies, adm)
+    except GatewayError as e:
+        if e.status == 400 and "context length" in e.message:
+            raise await _name_too_long(rt, pool, adm, text_1, docs, e) from None
+        raise
     scores: list[float] = []
     tokens = 0
-    for chunk, answer in zip(chunks, answers):
-        if isinstance(answer, GatewayError) and answer.status == 400 and "context length" in answer.message:
-            raise await _name_too_long(gw, pool, adm, text_1, docs, answer)
-        if isinstance(answer, BaseException):
-            raise answer
+    for chunk, data in zip(chunks, parts):
         try:
-            data = orjson.loads(answer.body)
             part = sorted(data["data"], key=lambda d: d["index"])
             if len(part) != len(chunk):
                 raise ValueError("wrong number of scores")
             scores.extend(float(d["score"]) for d in part)
             tokens += int((data.get("usage") or {}).get("total_tokens") or 0)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise GatewayError(502, f"backend answered /score with an unexpected body ({e})") from None
     return scores, tokens
 
 
+async def score_passthrough(rt: Runtime, adm: Admission, req: ScoreRequest, data: dict[str, Any],
+                            raw: bytes) -> Response:
+    """vLLM's /score as the client wrote it (under the backend's model name), answered as vLLM did."""
+    pool = rt.catalog.resolve(req.model, "rerank", adm.key)
+    adm.info.model = pool.model.name
+    body = orjson.dumps(data) if use_backend_name(data, pool) else raw
+    if rt.admission.budgets_tokens(adm.key):
+        await rt.admission.reserve_tokens(adm, await estimate_score_tokens(rt, pool, data))
+    try:
+        result = await rt.dispatch.send(pool, "/score", body, adm)
+    except BaseException:
+        await rt.admission.refund_tokens(adm)
+        raise
+    await rt.admission.charge_tokens(adm, pool.model.name, usage_tokens(result.body))
+    return Response(result.body, media_type="application/json", headers=adm.headers)
+
+
 async def _name_too_long(
-    gw: Gateway, pool: Pool, adm: Admission, text_1: str, docs: list[str], error: GatewayError
+    rt: Runtime, pool: Pool, adm: Admission, text_1: str, docs: list[str], error: GatewayError
 ) -> GatewayError:
     """vLLM says "too long" without saying which document; find out with its tokenizer."""
-    tok = gw.tokenizers.get(pool.model.name)
+    tok = rt.catalog.tokenizer(pool.model)
     limit = 0
     if tok is not None:
         limit = _limit_from(error.message)
@@ -240,13 +259,13 @@ async def _name_too_long(
             nonlocal limit
             async with sem:
                 body = {**pool.model_field(), "prompt": text_1 + doc}
-                tok_answer = orjson.loads((await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info)).body)
+                tok_answer = await rt.dispatch.json(pool, "/tokenize", orjson.dumps(body), adm)
             limit = int(tok_answer.get("max_model_len", 0)) or limit
             return int(tok_answer.get("count", 0))
 
         try:
             counts = list(await asyncio.gather(*(count(d) for d in docs)))
-        except (GatewayError, orjson.JSONDecodeError, ValueError, AttributeError, TypeError):
+        except (GatewayError, ValueError, TypeError):
             return error
     if not limit:
         return error
@@ -267,12 +286,9 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode())
 
 
-def _field(answer: UpstreamResult, name: str, kind: type) -> Any:
+def _value(answer: dict[str, Any], name: str, kind: type) -> Any:
     """`name` of a /tokenize or /detokenize answer, or a 502 saying the backend sent something else."""
-    try:
-        value = orjson.loads(answer.body)[name]
-    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
-        value = None
+    value = answer.get(name)
     if not isinstance(value, kind):
         raise GatewayError(502, f"backend answered {name!r} of /tokenize or /detokenize with an unexpected body")
     return value
@@ -285,7 +301,7 @@ def _limit_from(message: str) -> int:
 
 
 async def _truncate(
-    gw: Gateway, pool: Pool, adm: Admission, texts: list[str], max_length: int
+    rt: Runtime, pool: Pool, adm: Admission, texts: list[str], max_length: int
 ) -> tuple[list[str], list[int] | None]:
     """Cut each document (never the template) to `max_length` tokens with the model's tokenizer.
 
@@ -293,7 +309,7 @@ async def _truncate(
     token counts); otherwise with vLLM's /tokenize and /detokenize, only for documents that
     can be longer than `max_length` (a token covers at least one byte) and a few at a time.
     """
-    tok = gw.tokenizers.get(pool.model.name)
+    tok = rt.catalog.tokenizer(pool.model)
     if tok is not None:
         # A document of at most max_length bytes has at most max_length tokens: not tokenized.
         long = [i for i, t in enumerate(texts) if _utf8_len(t) > max_length]
@@ -311,10 +327,10 @@ async def _truncate(
             return text
         async with sem:
             body = {**pool.model_field(), "prompt": text, "add_special_tokens": False}
-            ids = _field(await gw.call(pool, "/tokenize", orjson.dumps(body), adm.info), "tokens", list)
+            ids = _value(await rt.dispatch.json(pool, "/tokenize", orjson.dumps(body), adm), "tokens", list)
             if len(ids) <= max_length:
                 return text
             back = {**pool.model_field(), "tokens": ids[:max_length]}
-            return _field(await gw.call(pool, "/detokenize", orjson.dumps(back), adm.info), "prompt", str)
+            return _value(await rt.dispatch.json(pool, "/detokenize", orjson.dumps(back), adm), "prompt", str)
 
     return list(await asyncio.gather(*(one(t) for t in texts))), None

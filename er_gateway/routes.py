@@ -1,132 +1,183 @@
-"""HTTP routes. Each one: admit (auth + limits), read and validate, hand to a service."""
+"""The route table: every HTTP route, declared once.
+
+`ROUTES` feeds both the dispatch in app.py (a dict lookup per request) and the OpenAPI
+document (openapi.py): method, path, handler, request model, answer model, the errors it
+can give, and whether it needs a key. A handler admits the request (auth + limits), reads
+and validates the body, sets what the access log says of it (`items`), and hands it to a
+service (embeddings.py, rerank.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from fastapi import APIRouter
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .embeddings import create_embeddings
+from . import protocol as p
+from .admission import Admission
+from .embeddings import create_embeddings, input_count
 from .errors import GatewayError
-from .gateway import Admission, Gateway, api_key_of, usage_tokens, use_backend_name
-from .protocol import EmbeddingRequest, ReloadModelRequest, RerankRequest
-from .requestbody import check_batch, check_documents, check_inputs, read_json, validate
-from .rerank import estimate_score_tokens, rerank
+from .gateway import Gateway, Runtime
+from .observability import RequestInfo
+from .openapi import DOCS_ASSETS, docs_asset, docs_html, document
+from .requestbody import (
+    SCORE_PAIRS, check_batch, check_documents, check_inputs, check_score_pairs, read_json, validate,
+)
+from .rerank import rerank, score_passthrough
+from .status import health, snapshot
 from .status_page import STATUS_HTML
 
-router = APIRouter()
 log = logging.getLogger("er_gateway")
 BATCH_PARALLEL = 4  # items of one /batch_rerank in flight at once
 _STARTED = int(time.time())
 
 
-def gateway_of(request: Request) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]
+@dataclass
+class Call:
+    """What a handler gets: the request, the process's gateway and the configuration it runs on."""
+
+    request: Request
+    gw: Gateway
+    rt: Runtime
+    info: RequestInfo
+
+    @property
+    def api_key(self) -> str | None:
+        return api_key_of(self.request)
+
+    async def admit(self, route: str, cost: int = 1) -> Admission:
+        return await self.rt.admission.admit(self.api_key, self.info, route, cost)
 
 
-def require_key_if(required: bool, gw: Gateway, request: Request) -> bool:
-    """Operational pages are public unless configured otherwise (--metrics-auth, --status-auth).
+Handler = Callable[[Call], Awaitable[Response]]
 
-    Returns whether the caller holds an admin key: only then do pages show replica URLs.
-    """
-    if required:
-        return gw.keys.authenticate(api_key_of(request)).admin
-    return gw.is_admin(request)
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    body: type[BaseModel] | None = None  # the request schema (the handler validates with it)
+    answer: type[BaseModel] | None = None  # the 200 schema; None: not JSON (see `media`)
+    errors: tuple[int, ...] = ()
+    key: bool = True  # needs an API key (operational pages say in `description` when)
+    media: str = "application/json"
+    description: str = ""
+    alias_of: str | None = None  # the same handler under another path, documented as such
+    documented: bool = True  # in /openapi.json (not the documentation's own pages)
+
+
+def api_key_of(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    return request.query_params.get("api_key") or None
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
 
 
+def _page_admin(c: Call, required: bool) -> bool:
+    """Operational pages are public unless configured otherwise (--metrics-auth, --status-auth).
+
+    Returns whether the caller holds an admin key: only then do pages show replica URLs.
+    """
+    if required:
+        return c.rt.admission.keys.authenticate(c.api_key).admin
+    return c.rt.admission.is_admin(c.api_key)
+
+
 # ---- OpenAI ---------------------------------------------------------------------------------
-@router.get("/v1/models")
-async def list_models(request: Request) -> Response:
-    gw = gateway_of(request)
-    adm = await gw.admit(request, "/v1/models")
+async def list_models(c: Call) -> Response:
+    adm = await c.admit("/v1/models")
+    catalog = c.rt.catalog
     data = []
-    for m in gw.settings.models:
-        if not gw.may_use(adm.key, m):
+    for m in c.rt.settings.models:
+        if not catalog.may_use(adm.key, m):
             continue
-        pool = gw.upstreams.pools[m.name]
+        pool = c.rt.upstreams.pools[m.name]
         card = {"object": "model", "created": _STARTED, "owned_by": "er-gateway", "kind": m.kind,
                 "root": pool.upstream_name or m.name, "max_model_len": pool.max_model_len}
-        data.extend({"id": name, **card} for name in gw.names_of(m))
+        data.extend({"id": name, **card} for name in catalog.names_of(m))
     return json_response({"object": "list", "data": data}, headers=adm.headers)
 
 
-@router.post("/v1/embeddings")
-@router.post("/embeddings", include_in_schema=False)
-async def embeddings(request: Request) -> Response:
-    gw = gateway_of(request)
-    adm = await gw.admit(request, "/v1/embeddings")
-    data, raw = await read_json(request, gw.settings)
+async def embeddings(c: Call) -> Response:
+    adm = await c.admit("/v1/embeddings")
+    data, raw = await read_json(c.request, c.rt.settings)
     if isinstance(data, dict):
-        check_inputs(data, gw.settings)
-    req = validate(EmbeddingRequest, data)
-    return await create_embeddings(gw, adm, req, data, raw)
+        check_inputs(data, c.rt.settings)
+    req = validate(p.EmbeddingRequest, data)
+    c.info.items = input_count(req.input)
+    return await create_embeddings(c.rt, adm, req, data, raw)
 
 
 # ---- rerank ---------------------------------------------------------------------------------
-async def _rerank_route(request: Request, route: str, seed_shape: bool) -> Response:
-    gw = gateway_of(request)
-    adm = await gw.admit(request, route)
-    data, _ = await read_json(request, gw.settings)
+async def _rerank_route(c: Call, route: str, ranked: bool) -> Response:
+    adm = await c.admit(route)
+    data, _ = await read_json(c.request, c.rt.settings)
     if isinstance(data, dict):
-        check_documents(data, gw.settings)
-    req = validate(RerankRequest, data)
-    return json_response(await rerank(gw, adm, req, seed_shape=seed_shape), headers=adm.headers)
+        check_documents(data, c.rt.settings)
+    req = validate(p.RerankRequest, data)
+    c.info.items = len(req.documents)
+    return json_response(await rerank(c.rt, adm, req, ranked=ranked), headers=adm.headers)
 
 
-@router.post("/v1/rerank")
-async def rerank_v1(request: Request) -> Response:
-    return await _rerank_route(request, "/v1/rerank", False)
+async def rerank_v1(c: Call) -> Response:
+    return await _rerank_route(c, "/v1/rerank", False)
 
 
-@router.post("/v2/rerank")
-async def rerank_v2(request: Request) -> Response:
-    return await _rerank_route(request, "/v2/rerank", False)
+async def rerank_v2(c: Call) -> Response:
+    return await _rerank_route(c, "/v2/rerank", False)
 
 
-@router.post("/rerank")
-async def rerank_seed(request: Request) -> Response:
-    return await _rerank_route(request, "/rerank", True)
+async def rerank_ranked(c: Call) -> Response:
+    return await _rerank_route(c, "/rerank", True)
 
 
-@router.post("/batch_rerank")
-async def batch_rerank(request: Request) -> Response:
+async def batch_rerank(c: Call) -> Response:
     """A list of rerank requests → a list of answers or error objects, in the same order.
 
     The batch is charged its item count against the key's rate limit before any work (429 if
     they do not fit) and its items run a few at a time; a bad item gets its own error object
     while the others are served.
     """
-    gw = gateway_of(request)
-    adm = await gw.admit(request, "/batch_rerank", cost=0)
-    adm.headers.update(await gw.limiter.check_request(adm.key))  # an exhausted key sends no body
-    data, _ = await read_json(request, gw.settings)
+    rt = c.rt
+    adm = await c.admit("/batch_rerank", cost=0)
+    limiter = rt.admission.limiter
+    adm.headers.update(await limiter.check_request(adm.key))  # an exhausted key sends no body
+    data, _ = await read_json(c.request, rt.settings)
     items = data.get("requests") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise GatewayError(400, "body must be a non-empty JSON list of rerank requests (or {\"requests\": [...]})",
                            param="requests")
-    check_batch(items, gw.settings)
-    adm.info.items = len(items)
-    adm.headers.update(await gw.limiter.hit_request(adm.key, cost=len(items)))
-    parallel = asyncio.Semaphore(min(BATCH_PARALLEL, gw.settings.per_key_concurrency))
+    check_batch(items, rt.settings)
+    c.info.items = len(items)
+    adm.headers.update(await limiter.hit_request(adm.key, cost=len(items)))
+    parallel = asyncio.Semaphore(min(BATCH_PARALLEL, rt.settings.per_key_concurrency))
 
     async def one(item: Any) -> dict[str, Any]:
         try:
             if isinstance(item, dict):
-                check_documents(item, gw.settings)
-            req = validate(RerankRequest, item)
+                check_documents(item, rt.settings)
+            req = validate(p.RerankRequest, item)
             async with parallel:
-                return await rerank(gw, Admission(adm.key, adm.headers, adm.info), req, seed_shape=True)
+                return await rerank(rt, Admission(adm.key, adm.headers, adm.info), req, ranked=True)
         except GatewayError as e:
             if e.status == 429:
                 adm.headers.update({k: v for k, v in e.headers.items() if k.startswith("X-RateLimit")})
@@ -140,86 +191,116 @@ async def batch_rerank(request: Request) -> Response:
 
 
 # ---- vLLM score passthrough -----------------------------------------------------------------
-@router.post("/v1/score")
-@router.post("/score")
-async def score_passthrough(request: Request) -> Response:
-    gw = gateway_of(request)
-    adm = await gw.admit(request, "/score")
-    data, raw = await read_json(request, gw.settings)
-    if not isinstance(data, dict):
-        raise GatewayError(400, "request body must be a JSON object")
-    check_documents(data, gw.settings, ("text_2", "documents", "items", "data_2"))
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise GatewayError(400, "'model' must be a string", param="model")
-    pairs = [("text_1", "text_2"), ("queries", "documents"), ("queries", "items"), ("data_1", "data_2")]
-    if not any(a in data and b in data for a, b in pairs):
-        raise GatewayError(400, "'text_1' and 'text_2' are required", param="text_1")
-    for a, b in pairs:
-        for f in (a, b):
-            if f in data and (data[f] == [] or data[f] == ""):
-                raise GatewayError(400, f"'{f}' must not be empty", param=f)
-    for f in ("text_1", "text_2"):  # the form every vLLM version takes; others pass to vLLM as sent
-        v = data.get(f)
-        if f in data and not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
-            raise GatewayError(400, f"'{f}' must be a string or a list of strings", param=f)
-    pool = gw.resolve(model, "rerank", adm.key)
-    adm.info.model = pool.model.name
-    body = orjson.dumps(data) if use_backend_name(data, pool) else raw
-    if gw.budgets_tokens(adm.key):
-        await gw.reserve_tokens(adm, await estimate_score_tokens(gw, pool, data))
-    try:
-        result = await gw.call(pool, "/score", body, adm.info)
-    except BaseException:
-        await gw.refund_tokens(adm)
-        raise
-    await gw.charge_tokens(adm, pool.model.name, usage_tokens(result.body))
-    return Response(result.body, media_type="application/json", headers=adm.headers)
+async def score(c: Call) -> Response:
+    adm = await c.admit("/score")
+    data, raw = await read_json(c.request, c.rt.settings)
+    if isinstance(data, dict):
+        check_documents(data, c.rt.settings, tuple(b for _, b in SCORE_PAIRS))
+        check_score_pairs(data)
+    req = validate(p.ScoreRequest, data)
+    second = next((data[b] for a, b in SCORE_PAIRS if a in data and b in data), None)
+    c.info.items = len(second) if isinstance(second, list) else 1
+    return await score_passthrough(c.rt, adm, req, data, raw)
 
 
 # ---- operations -----------------------------------------------------------------------------
-@router.post("/reload_model")
-async def reload_model(request: Request) -> Response:
-    """No body: re-read the config and keys files. Seed 000's body (`kind`, `model_path`,
-    `model_size`, `gpu_memory_utilization`, `max_model_len`): restart that kind's vLLM servers
-    with those settings when the gateway manages them (--manage-models), else 409 with the
-    command to run."""
-    gw = gateway_of(request)
-    adm = await gw.admit(request, "/reload_model")
-    gw.require_admin(adm.key)
-    data, _ = await read_json(request, gw.settings, empty={})
+async def reload_model(c: Call) -> Response:
+    adm = await c.admit("/reload_model")
+    c.rt.admission.require_admin(adm.key)
+    data, _ = await read_json(c.request, c.rt.settings, empty={})
     if data == {}:
-        return json_response({"status": "reloaded", **gw.reload()}, headers=adm.headers)
-    req = validate(ReloadModelRequest, data)
-    if not gw.settings.manage_models:
-        raise gw.manager.refuse_unmanaged(req)
-    return json_response(await gw.manager.reload(req), headers=adm.headers)
+        return json_response({"status": "reloaded", **await c.gw.reload()}, headers=adm.headers)
+    req = validate(p.ReloadModelRequest, data)
+    if not c.rt.settings.manage_models:
+        raise c.gw.manager.refuse_unmanaged(req)
+    return json_response(await c.gw.manager.reload(req), headers=adm.headers)
 
 
-@router.get("/health")
-async def health(request: Request) -> Response:
-    gw = gateway_of(request)
-    status, body = gw.health(admin=gw.is_admin(request), model=request.query_params.get("model"))
+async def health_route(c: Call) -> Response:
+    status, body = health(c.rt.catalog, admin=c.rt.admission.is_admin(c.api_key),
+                          model=c.request.query_params.get("model"))
     return json_response(body, status=status)
 
 
-@router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    gw = gateway_of(request)
-    require_key_if(gw.settings.metrics_auth, gw, request)
-    gw.refresh_gauges()
-    return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(c: Call) -> Response:
+    _page_admin(c, c.rt.settings.metrics_auth)
+    c.gw.refresh_gauges()
+    return Response(c.gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/status")
-async def status_page(request: Request) -> Response:
-    gw = gateway_of(request)
-    require_key_if(gw.settings.status_auth, gw, request)
+async def status_page(c: Call) -> Response:
+    _page_admin(c, c.rt.settings.status_auth)
     return HTMLResponse(STATUS_HTML)
 
 
-@router.get("/status.json")
-async def status_json(request: Request) -> Response:
-    gw = gateway_of(request)
-    admin = require_key_if(gw.settings.status_auth, gw, request)
-    return json_response(gw.status_snapshot(admin=admin))
+async def status_json(c: Call) -> Response:
+    admin = _page_admin(c, c.rt.settings.status_auth)
+    return json_response(snapshot(c.rt.catalog, c.gw.gate, c.gw.recent,
+                                  shared_limits=c.rt.admission.limiter.shared, admin=admin))
+
+
+_DOCUMENT: list[bytes] = []
+
+
+async def openapi_json(c: Call) -> Response:
+    if not _DOCUMENT:  # built once, on first use: a gateway nobody reads the docs of never builds it
+        _DOCUMENT.append(orjson.dumps(document(ROUTES)))
+    return Response(_DOCUMENT[0], media_type="application/json")
+
+
+async def docs(c: Call) -> Response:
+    return HTMLResponse(docs_html("/openapi.json"))
+
+
+def _asset_route(name: str) -> Route:
+    async def serve(c: Call) -> Response:
+        return docs_asset(name)
+
+    return Route("GET", f"/docs/{name}", serve, name, "docs", key=False, documented=False)
+
+
+_CLIENT = (400, 401, 403, 404, 408, 413, 429)
+_UPSTREAM = (502, 503, 504)
+_RERANK = dict(body=p.RerankRequest, answer=p.RerankResponse, errors=(*_CLIENT, *_UPSTREAM), tag="rerank")
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/models", list_models, "List the models this key may use", "models",
+          answer=p.ModelList, errors=(401, 429),
+          description="Every name that reaches a model: the names its backends serve, then the configured "
+                      "name and aliases."),
+    Route("POST", "/v1/embeddings", embeddings, "Create embeddings (OpenAI)", "embeddings",
+          body=p.EmbeddingRequest, answer=p.EmbeddingResponse, errors=(*_CLIENT, *_UPSTREAM),
+          description="`input_type: query` (or `instruction`) wraps each input in the Qwen3 query "
+                      "instruction; documents go as they are. Big batches are split over the replicas."),
+    Route("POST", "/embeddings", embeddings, "Create embeddings (OpenAI)", "embeddings",
+          body=p.EmbeddingRequest, answer=p.EmbeddingResponse, errors=(*_CLIENT, *_UPSTREAM),
+          alias_of="/v1/embeddings"),
+    Route("POST", "/v1/rerank", rerank_v1, "Rerank documents (Jina/Cohere)", **_RERANK),  # type: ignore[arg-type]
+    Route("POST", "/v2/rerank", rerank_v2, "Rerank documents (Cohere v2)", **_RERANK),  # type: ignore[arg-type]
+    Route("POST", "/rerank", rerank_ranked, "Rerank documents, with scores and ranked_documents", **_RERANK,  # type: ignore[arg-type]
+          description="The Jina/Cohere answer plus `scores` (input order) and `ranked_documents`."),
+    Route("POST", "/batch_rerank", batch_rerank, "Several rerank requests in one", "rerank",
+          body=p.BatchRerankRequest, errors=_CLIENT,
+          description="Answers in request order: each item a rerank answer or its own error envelope. "
+                      "Charged its item count against the key's rate limit before any work."),
+    Route("POST", "/score", score, "vLLM's /score, passed through", "rerank",
+          body=p.ScoreRequest, answer=p.ScoreResponse, errors=(*_CLIENT, *_UPSTREAM)),
+    Route("POST", "/v1/score", score, "vLLM's /score, passed through", "rerank",
+          body=p.ScoreRequest, answer=p.ScoreResponse, errors=(*_CLIENT, *_UPSTREAM), alias_of="/score"),
+    Route("POST", "/reload_model", reload_model, "Reload the configuration, or restart a model's vLLM servers",
+          "operations", body=p.ReloadModelRequest, answer=p.ReloadAnswer, errors=(400, 401, 403, 404, 409, 502),
+          description="Admin key. No body: re-read the config and keys files. With a body: restart that kind's "
+                      "vLLM servers with those settings (`--manage-models`), else 409 with the command to run."),
+    Route("GET", "/health", health_route, "Readiness per model and replica", "operations",
+          answer=p.Health, errors=(404, 503), key=False,
+          description="200 while at least one model can serve, 503 when none can; `?model=` for one model."),
+    Route("GET", "/metrics", metrics, "Prometheus metrics", "operations", answer=None, key=False,
+          media=CONTENT_TYPE_LATEST, errors=(401,), description="Public unless --metrics-auth."),
+    Route("GET", "/status", status_page, "Status page (HTML)", "operations", answer=None, key=False,
+          media="text/html", errors=(401,), description="Needs a key unless --no-status-auth."),
+    Route("GET", "/status.json", status_json, "What the status page shows, as JSON", "operations",
+          answer=None, key=False, errors=(401,), description="Needs a key unless --no-status-auth."),
+    Route("GET", "/openapi.json", openapi_json, "This document", "docs", key=False, documented=False),
+    Route("GET", "/docs", docs, "API documentation (Swagger UI)", "docs", key=False, documented=False),
+    *(_asset_route(name) for name in DOCS_ASSETS),
+)

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import orjson
@@ -24,6 +24,8 @@ from .settings import ModelConfig, Settings
 log = logging.getLogger("er_gateway.upstream")
 MODELS_MAX_BYTES = 1 << 20  # a /v1/models answer read for names (vLLM's is a few hundred bytes)
 MODELS_MAX_NAMES = 16
+# (model name, replica index, failure kind): counted in er_upstream_errors_total.
+ErrorHook = Callable[[str, str, str], None]
 
 
 @dataclass(eq=False)
@@ -77,7 +79,7 @@ class Pool:
     model: ModelConfig
     replicas: list[Replica]
     settings: Settings
-    on_error: object = None  # callable(replica_url, kind) for metrics
+    on_error: ErrorHook | None = None
     # Set when the backend refused `dimensions` (not started as a Matryoshka model): the gateway
     # then cuts the vectors itself (embeddings.py).
     refuses_dimensions: bool = False
@@ -140,7 +142,7 @@ class Pool:
     async def post(self, path: str, body: bytes, request_id: str | None = None) -> UpstreamResult:
         """POST `body` to a replica; retry elsewhere on connect errors and 503s.
 
-        Returns the 2xx answer; anything else becomes a GatewayError per SPEC.md.
+        Returns the 2xx answer; anything else becomes a GatewayError (README, "Errors").
         4xx answers are the client's fault and are never retried.
         """
         headers = None if request_id is None else {"X-Request-ID": request_id}
@@ -232,21 +234,28 @@ class Pool:
         if down:
             replica.healthy = False
         if self.on_error is not None:
-            self.on_error(self.model.name, str(self.replicas.index(replica)), kind)  # type: ignore[operator]
+            self.on_error(self.model.name, str(self.replicas.index(replica)), kind)
         # `message` comes from the backend's body: escaped, so a hostile upstream cannot forge log lines.
         log.warning("replica %s of %s failed (%s): %s", replica.url, self.model.name, kind, log_field(message))
 
 
 class Upstreams:
-    """All pools, one HTTP client per backend URL, and the health-check loop."""
+    """All pools of one configuration, one HTTP client per backend URL, and the health checks.
 
-    def __init__(self, settings: Settings) -> None:
+    Built anew by a reload (new clients: a changed timeout or backend key applies to the next
+    request), taking over what `previous` knew of each URL (health, served names), so a reload
+    does not send traffic to a replica known to be down.
+    """
+
+    def __init__(self, settings: Settings, on_error: ErrorHook | None = None,
+                 previous: Upstreams | None = None) -> None:
         self.settings = settings
+        self.on_error = on_error
         self.clients: dict[str, HTTPPool] = {}
         self.pools: dict[str, Pool] = {}
         self.served: dict[str, ModelConfig] = {}  # names the backends report, to their model
         self._task: asyncio.Task[None] | None = None
-        self.on_error = None
+        self._known = {r.url: r for r in previous.replicas()} if previous else {}
 
     def _client(self, url: str) -> HTTPPool:
         client = self.clients.get(url)
@@ -261,29 +270,37 @@ class Upstreams:
             )
         return client
 
+    def _replica(self, url: str) -> Replica:
+        r = Replica(url, self._client(url))
+        old = self._known.get(url)
+        if old is not None:
+            r.healthy, r.ejected_until, r.last_error = old.healthy, old.ejected_until, old.last_error
+            r.latency_ms, r.served, r.max_model_len = old.latency_ms, old.served, old.max_model_len
+        return r
+
     def build(self, models: list[ModelConfig]) -> dict[str, Pool]:
-        """Pools for `models`, reusing clients and replica state for URLs already known."""
-        known = {r.url: r for p in self.pools.values() for r in p.replicas}
+        """Pools for `models`; a URL two models share is one replica with one client."""
+        made: dict[str, Replica] = {}
         pools: dict[str, Pool] = {}
         for m in models:
-            replicas = [known.get(u) or Replica(u, self._client(u)) for u in m.urls]
+            replicas = [made[u] if u in made else made.setdefault(u, self._replica(u)) for u in m.urls]
             pools[m.name] = Pool(m, replicas, self.settings, self.on_error)
         return pools
 
-    async def start(self, models: list[ModelConfig]) -> None:
-        self.pools = self.build(models)
-        # One check before serving, so the first request already goes by the names the backends
-        # serve; bounded, so a backend that accepts and never answers delays start-up little.
-        try:
-            await asyncio.wait_for(self.check_all(), self.settings.health_timeout)
-        except TimeoutError:
-            log.warning("backends did not all answer the first health check within %g s", self.settings.health_timeout)
-            self.learn_names()
-        self._task = asyncio.create_task(self._health_loop())
-
-    def replace(self, models: list[ModelConfig]) -> None:
-        self.pools = self.build(models)
+    async def start(self, *, first_check: bool = True) -> None:
+        self.pools = self.build(self.settings.models)
         self.learn_names()
+        if first_check:
+            # One check before serving, so the first request already goes by the names the
+            # backends serve; bounded, so a backend that accepts and never answers delays
+            # start-up little.
+            try:
+                await asyncio.wait_for(self.check_all(), self.settings.health_timeout)
+            except TimeoutError:
+                log.warning("backends did not all answer the first health check within %g s",
+                            self.settings.health_timeout)
+                self.learn_names()
+        self._task = asyncio.create_task(self._health_loop())
 
     def replicas(self) -> list[Replica]:
         seen: dict[str, Replica] = {}
@@ -376,8 +393,11 @@ class Upstreams:
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("health check loop failed")
 
-    async def close(self) -> None:
+    def stop_checks(self) -> None:
         if self._task:
             self._task.cancel()
+
+    async def close(self) -> None:
+        self.stop_checks()
         for c in self.clients.values():
             await c.close()

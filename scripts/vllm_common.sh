@@ -1,5 +1,5 @@
 # Shared by start_vllm_models.sh, stop_vllm_models.sh and check_models_status.sh (sourced).
-# Resolves the environment of SPEC.md "Scripts" (seed-000 names are aliases) and small helpers.
+# Resolves the scripts' environment (README, "Scripts"; the first release's names are aliases) and small helpers.
 # The variables set here are read by the scripts that source this file, not here:
 # shellcheck shell=bash disable=SC2034
 

@@ -109,6 +109,7 @@ class Fake:
         self.matryoshka = args.matryoshka
         self.delay = args.delay
         self.fault: str | None = None
+        self.fault_path: str | None = None  # the fault on this path only (None: every path)
         self.current = 0
         self.max_seen = 0
         self.requests = 0
@@ -141,7 +142,7 @@ class Fake:
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
-            fault = self.fault
+            fault = self.fault if self.fault_path in (None, request.path) else None
             if fault == "500":
                 return self.error(500, "EngineCore encountered an issue", "InternalServerError")
             if fault == "503":
@@ -337,6 +338,7 @@ def make_app(fake: Fake, api_key: str | None = None) -> web.Application:
             fake.delay = float(data["delay"])
         if "fault" in data:
             fake.fault = data["fault"]
+            fake.fault_path = data.get("fault_path")
         if "flat_errors" in data:
             fake.flat_errors = bool(data["flat_errors"])
         if data.get("reset_stats"):

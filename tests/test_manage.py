@@ -152,8 +152,9 @@ async def test_replicas_elsewhere_are_not_restarted() -> None:
     """Checked before anything runs (no connection is made: the pools are never started)."""
     settings = load_settings({"embedding_urls": "none", "reranker_urls": "http://gpu-host:8001",
                               "manage_models": True}, environ={})
-    manager = ModelManager(settings, Upstreams(settings))
-    manager.upstreams.pools = manager.upstreams.build(settings.models)
+    ups = Upstreams(settings)
+    ups.pools = ups.build(settings.models)
+    manager = ModelManager(lambda: (settings, ups))
     with pytest.raises(GatewayError) as e:
         await manager.reload(ReloadModelRequest(model_size="4B"))
     assert e.value.status == 409 and "replica 0 of model 'Qwen3-Reranker-0.6B' is not on this machine" in e.value.message
@@ -196,7 +197,7 @@ async def test_a_stuck_request_delays_a_restart_by_the_drain_timeout_only(tmp_pa
     pool = ups.pools[RER]
     pool.replicas[0].outstanding = 1  # a request that never returns
     try:
-        reloading = asyncio.ensure_future(ModelManager(settings, ups).reload(ReloadModelRequest(max_model_len=256)))
+        reloading = asyncio.ensure_future(ModelManager(lambda: (settings, ups)).reload(ReloadModelRequest(max_model_len=256)))
         await asyncio.sleep(0.2)
         assert pool.pick() is None  # draining: no new request goes to it
         start = asyncio.get_running_loop().time()

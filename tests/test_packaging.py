@@ -187,7 +187,7 @@ def test_cli_version_of_help_matches_readme() -> None:
 
 
 def test_requirements_txt_pins_every_dependency_within_pyproject() -> None:
-    """requirements.txt (seed 000's `pip install -r requirements.txt`) cannot rot: CI installs from
+    """requirements.txt (the README's `pip install -r requirements.txt`) cannot rot: CI installs from
     it (scripts/setup_gateway.sh) and every pyproject dependency is pinned inside its range."""
     import tomllib
 

@@ -1,4 +1,4 @@
-"""Qwen3 semantics and the seed-000 API (/rerank superset, /batch_rerank, /reload_model, /health)."""
+"""Qwen3 semantics and the first release's API (/rerank superset, /batch_rerank, /reload_model, /health)."""
 
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def test_rerank_top_n_zero_means_all(stack: Stack, path: str) -> None:
 
 
 def test_max_length_over_the_context_is_lowered_to_fit(stack: Stack) -> None:
-    """Seed 000 clients send max_length 8192 to a model whose context is smaller (here 512)."""
+    """Older clients send max_length 8192 to a model whose context is smaller (here 512)."""
     long = " ".join(["word"] * 3000)
     r = stack.gw.post("/rerank", {"query": "q", "documents": [long, "short"], "max_length": 8192})
     assert r.status_code == 200, r.text
@@ -222,7 +222,7 @@ def test_max_length_over_the_context_is_lowered_to_fit(stack: Stack) -> None:
 
 
 def test_reload_with_settings_is_a_409_naming_the_command_when_unmanaged(stack: Stack) -> None:
-    """Seed 000's body on a gateway that does not manage vLLM: never a silent 200."""
+    """The reload body on a gateway that does not manage vLLM: never a silent 200."""
     seed = {"model_path": "/models/Qwen3-Reranker-4B", "model_size": "4B", "gpu_memory_utilization": 0.8,
             "max_model_len": 4096}
     r = stack.gw.post("/reload_model", seed)

@@ -1,4 +1,4 @@
-"""Upstream error mapping (SPEC.md rows) against small in-process aiohttp servers."""
+"""Upstream error mapping (README, "Errors") against small in-process aiohttp servers."""
 
 from __future__ import annotations
 

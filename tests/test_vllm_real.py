@@ -367,7 +367,7 @@ def test_split_batch_across_two_real_replicas(tier: Tier) -> None:
 
 
 def test_reload_model_switches_the_reranker_checkpoint(tier: Tier, tmp_path: Path) -> None:
-    """--manage-models: seed 000's /reload_model body restarts A's reranker on another tiny
+    """--manage-models: the /reload_model body restarts A's reranker on another tiny
     checkpoint through start_vllm_models.sh; the scores become that checkpoint's, and a reload
     back restores the first one's."""
     rer_url = f"http://127.0.0.1:{tier.env_a['RERANKER_PORT']}"

@@ -1,4 +1,4 @@
-"""Logs, the access log, Prometheus metrics and the per-request bookkeeping middleware.
+"""The gateway log and the access log, written off the event loop.
 
 The hot path only builds one string and puts it on a queue; a background
 thread does the file I/O (and rotation), so `tail -f` sees whole lines at once
@@ -7,25 +7,23 @@ without the request waiting on the disk.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import logging.handlers
 import os
 import queue
 import re
-import secrets
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .settings import Settings
+from ..settings import Settings
+
+if TYPE_CHECKING:
+    from .context import RequestInfo
 
 GATEWAY_LOG = "embedding_reranker_proxy.log"
 ACCESS_LOG = "access.log"
@@ -257,184 +255,12 @@ def log_field(v: Any) -> str:
     return '"' + _NEEDS_LOOK.sub(_escape_char, s) + '"'
 
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
-
-
-class Metrics:
-    """All gateway metrics. With --workers > 1 the CLI sets PROMETHEUS_MULTIPROC_DIR and every
-    worker writes its values there; /metrics then sums them (prometheus-client multiprocess mode)."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        self.requests = Counter(
-            "er_requests_total", "Requests by route, model, status and key name",
-            ["route", "model", "status", "key"], registry=r,
-        )
-        self.duration = Histogram(
-            "er_request_duration_seconds", "Total request time in the gateway", ["route"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.upstream = Histogram(
-            "er_upstream_duration_seconds", "Time waiting for vLLM", ["model"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.queue_wait = Histogram(
-            "er_queue_wait_seconds", "Time waiting for a concurrency slot",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.in_flight = Gauge("er_in_flight_requests", "Requests upstream now", registry=r,
-                               multiprocess_mode="livesum")
-        self.waiting = Gauge("er_queued_requests", "Requests waiting for a concurrency slot", registry=r,
-                             multiprocess_mode="livesum")
-        self.rate_limited = Counter("er_rate_limited_total", "429 answers by key name", ["key"], registry=r)
-        self.upstream_errors = Counter(
-            "er_upstream_errors_total", "Upstream failures by model, replica and kind",
-            ["model", "replica", "kind"], registry=r,
-        )
-        self.replica_healthy = Gauge(
-            "er_replica_healthy", "1 when the replica takes traffic", ["model", "replica"], registry=r,
-            multiprocess_mode="livemin",
-        )
-        self.replica_outstanding = Gauge(
-            "er_replica_outstanding", "Requests in flight to a replica", ["model", "replica"], registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.tokens = Counter("er_tokens_total", "Tokens reported by vLLM", ["model", "key"], registry=r)
-        self.storage_errors = Counter(
-            "er_ratelimit_storage_errors_total", "Rate-limit storage (Redis) failures", registry=r
-        )
-        self.retries = Counter("er_upstream_retries_total", "Requests retried on another replica", ["model"], registry=r)
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """metric.labels(*labels), cached: prometheus-client's own lookup takes a lock each time."""
-        key = (id(metric), labels)
-        c = self._children.get(key)
-        if c is None:
-            c = self._children[key] = metric.labels(*labels)
-        return c
-
-    def exposition(self) -> bytes:
-        if self.multiprocess:
-            from prometheus_client import multiprocess
-
-            merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged)
-            return generate_latest(merged)
-        return generate_latest(self.registry)
-
-
-class Recent:
-    """The last minute of requests (or the last 20,000, whichever is shorter) for the status page.
-
-    Bounded so a refresh of /status costs a few milliseconds of event-loop time, not a stall.
-    """
-
-    def __init__(self, horizon: float = 60.0, maxlen: int = 20_000) -> None:
-        self.horizon = horizon
-        self.events: deque[tuple[float, str, int, float]] = deque(maxlen=maxlen)
-
-    def add(self, model: str, status: int, seconds: float) -> None:
-        self.events.append((time.monotonic(), model, status, seconds))
-
-    def summary(self) -> dict[str, dict[str, float | int | None]]:
-        now = time.monotonic()
-        events = list(self.events)
-        cutoff = now - self.horizon
-        # When the deque is full it covers less than the horizon: divide by what it covers.
-        span = self.horizon
-        if len(events) == self.events.maxlen and events and events[0][0] > cutoff:
-            span = max(now - events[0][0], 1e-3)
-        by_model: dict[str, list[tuple[int, float]]] = {}
-        for t, model, status, seconds in events:
-            if t >= cutoff:
-                by_model.setdefault(model, []).append((status, seconds))
-        out: dict[str, dict[str, float | int | None]] = {}
-        for model, rows in by_model.items():
-            lat = sorted(s for _, s in rows)
-            n = len(rows)
-            out[model] = {
-                "requests": n,
-                "rps": round(n / span, 3),
-                "p50_ms": round(lat[int(0.50 * (n - 1))] * 1000, 2),
-                "p95_ms": round(lat[int(0.95 * (n - 1))] * 1000, 2),
-                "error_rate": round(sum(1 for st, _ in rows if st >= 500) / n, 4),
-                "rate_limited": sum(1 for st, _ in rows if st == 429),
-            }
-        return out
-
-
-@dataclass
-class RequestInfo:
-    """What a request did, filled in by the route and read by the middleware."""
-
-    request_id: str
-    start: float
-    route: str = ""
-    key_name: str | None = None
-    model: str | None = None
-    upstream_ms: float = 0.0
-    queue_ms: float = 0.0
-    replica: str | None = None
-    retries: int = 0
-    items: int | None = None
-    tokens: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-_ID_PREFIX = secrets.token_hex(6)
-_ID_COUNTER = itertools.count(1)
-
-
-def new_request_id(incoming: bytes | None) -> str:
-    """The client's X-Request-ID if sane, else a process-unique id (random prefix + counter:
-    no syscall per request, unlike secrets.token_hex)."""
-    if incoming:
-        rid = incoming.decode("latin-1")
-        if 0 < len(rid) <= 128 and rid.isprintable():
-            return rid
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
-
-
 _clock: list[Any] = [0, ""]
 
 
-def _now_text() -> str:
+def now_text() -> str:
     """Local time to the second, formatted once per second rather than once per request."""
     now = int(time.time())
     if now != _clock[0]:
         _clock[0], _clock[1] = now, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
     return _clock[1]  # type: ignore[no-any-return]
-
-
-class Recorder:
-    """Turns a finished request into metrics, an access-log line and a status-page sample."""
-
-    def __init__(self, logs: Logs, metrics: Metrics, recent: Recent) -> None:
-        self.logs = logs
-        self.metrics = metrics
-        self.recent = recent
-
-    def record(self, scope: dict[str, Any], info: RequestInfo, status: int) -> None:
-        total = time.perf_counter() - info.start
-        route = info.route or scope.get("path", "")
-        if info.route:
-            m = self.metrics
-            m.child(m.requests, route, info.model or "", str(status), info.key_name or "").inc()
-            m.child(m.duration, route).observe(total)
-            if status == 429:
-                m.rate_limited.labels(info.key_name or "").inc()
-            self.recent.add(info.model or "-", status, total)
-        client = scope.get("client")
-        self.logs.access(
-            _now_text(),
-            info,
-            scope.get("method", ""),
-            scope.get("path", ""),  # never the query string: it may hold ?api_key=
-            status,
-            total * 1000,
-            f"{client[0]}:{client[1]}" if client else None,
-        )
-
-

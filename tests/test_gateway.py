@@ -1,0 +1,45 @@
+"""Reload by swap (er_gateway/gateway.py): `POST /reload_model` without a body builds new pools
+from the config file, so a changed `timeout` or `backend_api_key` applies to the next request,
+while requests already upstream finish on the objects they started with."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+
+from conftest import start_backend, start_gateway, wait_until
+
+
+def test_reload_applies_timeout_and_backend_key_to_the_next_request(tmp_path: Path) -> None:
+    emb = start_backend(tmp_path, "embedding", extra=["--api-key", "key-b"])
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("timeout: 5\nbackend_api_key: key-a\n")
+    gw = start_gateway(tmp_path / "gw", "--config", str(cfg), "--embedding-url", emb.url, "--reranker-url", "none")
+    try:
+        r = gw.post("/v1/embeddings", {"input": "x"})
+        assert r.status_code == 502 and "backend key" in r.json()["error"]["message"], r.text
+
+        cfg.write_text("timeout: 5\nbackend_api_key: key-b\n")
+        assert gw.post("/reload_model").status_code == 200
+        assert gw.post("/v1/embeddings", {"input": "x"}).status_code == 200
+        assert emb.stats()["last_headers"]["Authorization"] == "Bearer key-b"
+
+        # A request 1 s upstream, started under timeout 5, while the timeout becomes 0.3 s.
+        emb.admin(delay=1.0)
+        slow: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: slow.append(gw.post("/v1/embeddings", {"input": "slow"})))
+        t.start()
+        cfg.write_text("timeout: 0.3\nbackend_api_key: key-b\n")
+        wait_until(lambda: emb.stats()["current"] >= 1, 5, "the slow request upstream")
+        assert gw.post("/reload_model").status_code == 200
+        t.join(10)
+        assert slow and slow[0].status_code == 200, "the in-flight request finishes on its old pool"
+
+        r = gw.post("/v1/embeddings", {"input": "next"})
+        assert r.status_code == 504, r.text
+        assert "0.3 s" in r.json()["error"]["message"]
+    finally:
+        gw.stop()
+        emb.stop()
