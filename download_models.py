@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             expected = fetch(repo, target)
         except _Offline as e:
-            print(f"error: {e}\n       Is this machine online? Partial files are kept; run again to resume.",
-                  file=sys.stderr)
+            print(
+                f"error: {e}\n       Is this machine online? Partial files are kept; run again to resume.",
+                file=sys.stderr,
+            )
             return 2
         problems = verify(target, expected)
         if problems:

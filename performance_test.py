@@ -37,8 +37,12 @@ import orjson
 
 from er_gateway.httpclient import ConnectError, HTTPPool, UpstreamError, _Connection, check_backend_url
 
-PATHS = {"seed-rerank": "/rerank", "rerank": "/v1/rerank", "embeddings": "/v1/embeddings",
-         "batch_rerank": "/batch_rerank"}
+PATHS = {
+    "seed-rerank": "/rerank",
+    "rerank": "/v1/rerank",
+    "embeddings": "/v1/embeddings",
+    "batch_rerank": "/batch_rerank",
+}
 DEFAULT_ENDPOINT = "seed-rerank"
 SEED_MAX_LENGTH = 512  # what the first load tester sent to /rerank
 CREATE_KEY = "python embedding_reranker_proxy.py keys create --name bench --rpm 100000"
@@ -79,7 +83,9 @@ class RecordingPool(HTTPPool):
 
 
 def request_body(args: argparse.Namespace) -> bytes:
-    texts = [f"Sample passage {i}: Paris is the capital and the largest city of France." for i in range(args.batch_size)]
+    texts = [
+        f"Sample passage {i}: Paris is the capital and the largest city of France." for i in range(args.batch_size)
+    ]
     if args.endpoint == "embeddings":
         body: object = {"input": texts if args.batch_size > 1 else texts[0]}
         if args.instruction:
@@ -127,22 +133,30 @@ def hints_for(summary: dict[str, object], key_given: bool) -> list[str]:
     hints = []
     if "401" in errors:
         if key_given:
-            hints.append(f"401: the gateway refused the key ({samples.get('401', '')}) — pass a valid --key or "
-                         f"export ER_KEY (create one with `{CREATE_KEY}`)")
+            hints.append(
+                f"401: the gateway refused the key ({samples.get('401', '')}) — pass a valid --key or "
+                f"export ER_KEY (create one with `{CREATE_KEY}`)"
+            )
         else:
-            hints.append(f"401: no key was sent and the gateway needs one — pass --key or export ER_KEY "
-                         f"(create one with `{CREATE_KEY}`)")
+            hints.append(
+                f"401: no key was sent and the gateway needs one — pass --key or export ER_KEY "
+                f"(create one with `{CREATE_KEY}`)"
+            )
     if "429" in errors:
         limit = summary.get("rate_limit")
         shown = f"X-RateLimit-Limit: {limit}" if limit else "no X-RateLimit-Limit header seen"
-        hints.append(f"429: {errors['429']} of {total} requests hit the key's rate limit ({shown}); the numbers "
-                     f"above measure the limit, not the gateway — use a key with a higher --rpm "
-                     f"(`{CREATE_KEY}`)")
+        hints.append(
+            f"429: {errors['429']} of {total} requests hit the key's rate limit ({shown}); the numbers "
+            f"above measure the limit, not the gateway — use a key with a higher --rpm "
+            f"(`{CREATE_KEY}`)"
+        )
     if "403" in errors:
         hints.append(f"403: the key may not use this model or endpoint: {samples.get('403', '')}")
     if "ConnectError" in errors and not summary["ok"]:
-        hints.append(f"could not connect to {summary['url']} ({samples.get('ConnectError', '')}) — "
-                     f"is the gateway running there? (--url)")
+        hints.append(
+            f"could not connect to {summary['url']} ({samples.get('ConnectError', '')}) — "
+            f"is the gateway running there? (--url)"
+        )
     for status, msg in samples.items():
         if status not in ("401", "403", "429", "ConnectError"):
             hints.append(f"{status} ({errors[status]}x), e.g.: {msg}")
@@ -151,8 +165,9 @@ def hints_for(summary: dict[str, object], key_given: bool) -> list[str]:
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
-    pool = RecordingPool(args.url, connect_timeout=5, timeout=args.timeout,
-                         headers={"Content-Type": "application/json", **headers})
+    pool = RecordingPool(
+        args.url, connect_timeout=5, timeout=args.timeout, headers={"Content-Type": "application/json", **headers}
+    )
     body = request_body(args)
     path = PATHS[args.endpoint]
     latencies: list[float] = []
@@ -200,8 +215,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         frac = min(1.0, frac)
         bar = "#" * int(frac * 30)
         elapsed = time.perf_counter() - start
-        sys.stderr.write(f"\r[{bar:<30}] {frac * 100:5.1f}%  {done} requests  "
-                         f"{done / elapsed if elapsed else 0:8.1f} req/s  errors {done - len(latencies)}")
+        sys.stderr.write(
+            f"\r[{bar:<30}] {frac * 100:5.1f}%  {done} requests  "
+            f"{done / elapsed if elapsed else 0:8.1f} req/s  errors {done - len(latencies)}"
+        )
         sys.stderr.flush()
         return frac
 
@@ -229,13 +246,22 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     limits = pool.limits.most_common()
     items = args.batch_size * (2 if args.endpoint == "batch_rerank" else 1)  # documents scored per request
     return {
-        "url": args.url + path, "endpoint": args.endpoint, "concurrency": args.concurrency,
-        "batch_size": args.batch_size, "requests": total, "ok": len(lat), "seconds": round(elapsed, 3),
-        "rps": rps, "throughput_rps": rps,
+        "url": args.url + path,
+        "endpoint": args.endpoint,
+        "concurrency": args.concurrency,
+        "batch_size": args.batch_size,
+        "requests": total,
+        "ok": len(lat),
+        "seconds": round(elapsed, 3),
+        "rps": rps,
+        "throughput_rps": rps,
         "items_per_s": round(len(lat) * items / elapsed, 1) if elapsed else 0,
-        "p50_ms": ms(50), "p95_ms": ms(95), "p99_ms": ms(99),
+        "p50_ms": ms(50),
+        "p95_ms": ms(95),
+        "p99_ms": ms(99),
         "latency_ms": {p: ms(q) for p, q in (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("max", 100))},
-        "errors": errors, "error_samples": samples,
+        "errors": errors,
+        "error_samples": samples,
         "by_status": dict(sorted(statuses.items())),
         "rate_limit": ", ".join(v for v, _ in limits) if limits else None,
         "stopped_early": stop[0] if stop else None,
@@ -245,21 +271,36 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:2048", help="gateway base URL (default %(default)s)")
-    ap.add_argument("--key", default=os.environ.get("ER_KEY") or None,
-                    help="API key, sent as a Bearer token (default: the ER_KEY environment variable)")
-    ap.add_argument("--endpoint", choices=list(PATHS), default=DEFAULT_ENDPOINT,
-                    help="what to load: " + ", ".join(f"{k} = POST {v}" for k, v in PATHS.items())
-                    + " (default %(default)s, the first load tester's request)")
+    ap.add_argument(
+        "--key",
+        default=os.environ.get("ER_KEY") or None,
+        help="API key, sent as a Bearer token (default: the ER_KEY environment variable)",
+    )
+    ap.add_argument(
+        "--endpoint",
+        choices=list(PATHS),
+        default=DEFAULT_ENDPOINT,
+        help="what to load: "
+        + ", ".join(f"{k} = POST {v}" for k, v in PATHS.items())
+        + " (default %(default)s, the first load tester's request)",
+    )
     ap.add_argument("--model", help="model name (default: the gateway's default of that kind)")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight (default %(default)s)")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--duration", type=float, help="seconds to run (default 10)")
     group.add_argument("--requests", type=int, help="number of requests to send")
-    ap.add_argument("--batch-size", type=int, default=8,
-                    help="inputs (embeddings) or documents (rerank) per request (default %(default)s)")
-    ap.add_argument("--max-length", type=int,
-                    help=f"rerank max_length to send (default {SEED_MAX_LENGTH} for seed-rerank, none for the "
-                         "others; 0 sends none)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="inputs (embeddings) or documents (rerank) per request (default %(default)s)",
+    )
+    ap.add_argument(
+        "--max-length",
+        type=int,
+        help=f"rerank max_length to send (default {SEED_MAX_LENGTH} for seed-rerank, none for the "
+        "others; 0 sends none)",
+    )
     ap.add_argument("--instruction", help="Qwen3 instruction to send")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per request (default %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -279,17 +320,22 @@ def main() -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+
         def fmt(v: object) -> str:
             return "-" if v is None else f"{v}"
 
         lat = summary["latency_ms"]
         errors: dict[str, int] = summary["errors"]  # type: ignore[assignment]
-        print(f"{summary['requests']} requests in {summary['seconds']} s to {summary['url']} "
-              f"(concurrency {summary['concurrency']}, batch {summary['batch_size']})"
-              + (" — stopped early" if summary["stopped_early"] else ""))
+        print(
+            f"{summary['requests']} requests in {summary['seconds']} s to {summary['url']} "
+            f"(concurrency {summary['concurrency']}, batch {summary['batch_size']})"
+            + (" — stopped early" if summary["stopped_early"] else "")
+        )
         print(f"rps: {summary['rps']} req/s, {summary['items_per_s']} items/s, {summary['ok']} ok")
-        print(f"latency ms: p50 {fmt(summary['p50_ms'])}, p95 {fmt(summary['p95_ms'])}, "
-              f"p99 {fmt(summary['p99_ms'])}, max {fmt(lat['max'])}")  # type: ignore[index]
+        print(
+            f"latency ms: p50 {fmt(summary['p50_ms'])}, p95 {fmt(summary['p95_ms'])}, "
+            f"p99 {fmt(summary['p99_ms'])}, max {fmt(lat['max'])}"
+        )  # type: ignore[index]
         print("errors: " + (", ".join(f"{k}: {v}" for k, v in errors.items()) if errors else "none"))
         if summary["rate_limit"]:
             print(f"X-RateLimit-Limit: {summary['rate_limit']}")

@@ -33,8 +33,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 out = json.dumps({"method": method, "target": target, "headers": hdrs}).encode() + b"\n" + body
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out))
             elif target.endswith("/chunked"):
-                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n"
-                             b"5\r\nbusy \r\n3\r\nnow\r\n0\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5\r\nbusy \r\n3\r\nnow\r\n0\r\n\r\n"
+                )
             elif target.endswith("/garbage"):
                 writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
             elif target.endswith("/truncated"):
@@ -56,8 +58,12 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 async def check(name: str, base: str, dead: str, full: str) -> list[str]:
     cls = CLIENTS[name]
-    pool = cls(base + "/prefix", connect_timeout=1, timeout=10,
-               headers={"Content-Type": "application/json", "Authorization": "Bearer k"})
+    pool = cls(
+        base + "/prefix",
+        connect_timeout=1,
+        timeout=10,
+        headers={"Content-Type": "application/json", "Authorization": "Bearer k"},
+    )
     dead_pool = cls(dead, connect_timeout=1, timeout=10)
     full_pool = cls(full, connect_timeout=0.5, timeout=10)
     failures = []
@@ -81,8 +87,12 @@ async def check(name: str, base: str, dead: str, full: str) -> list[str]:
             want = {"method": "POST", "target": "/prefix/v1/echo"}
             if r.status != 200 or got != BODY or any(info[k] != v for k, v in want.items()):
                 failures.append(f"echo: status {r.status}, meta {info}, body equal: {got == BODY}")
-            for k, v in {"x-request-id": "r1", "authorization": "Bearer k", "content-type": "application/json",
-                         "user-agent": "er-gateway"}.items():
+            for k, v in {
+                "x-request-id": "r1",
+                "authorization": "Bearer k",
+                "content-type": "application/json",
+                "user-agent": "er-gateway",
+            }.items():
                 if info["headers"].get(k) != v:
                     failures.append(f"echo: header {k} = {info['headers'].get(k)!r}, want {v!r}")
     r = await expect("chunked 503", None, pool.request("POST", "/chunked", b"{}"))

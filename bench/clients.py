@@ -23,8 +23,16 @@ from er_gateway.httpclient import ConnectError, DisconnectError, HTTPPool, HTTPR
 
 
 class _Adapter:
-    def __init__(self, url: str, *, connect_timeout: float, timeout: float,
-                 headers: dict[str, str] | None = None, max_idle: int = 1024, **_future: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+        max_idle: int = 1024,
+        **_future: Any,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"backend URL must be http(s)://host[:port], got {url!r}")
@@ -59,8 +67,14 @@ class AiohttpPool(_Adapter):
         )
         return self._session
 
-    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
-                      timeout: float | None = None) -> HTTPResponse:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> HTTPResponse:
         a = self._aiohttp
         session = self._session or self._open()
         url = self._urls.get(path)
@@ -69,7 +83,8 @@ class AiohttpPool(_Adapter):
         kw: dict[str, Any] = {}
         if timeout is not None:
             kw["timeout"] = self._timeouts.get(timeout) or self._timeouts.setdefault(
-                timeout, a.ClientTimeout(total=timeout, connect=min(timeout, self.connect_timeout)))
+                timeout, a.ClientTimeout(total=timeout, connect=min(timeout, self.connect_timeout))
+            )
         try:
             async with session.request(method, url, data=body, headers=headers, allow_redirects=False, **kw) as r:
                 return HTTPResponse(r.status, await r.read())
@@ -109,15 +124,28 @@ class AiosonicPool(_Adapter):
         t = self._timeouts.get(total)
         if t is None:
             t = self._timeouts[total] = self._timeouts_cls(
-                sock_connect=min(total, self.connect_timeout), sock_read=total, request_timeout=total)
+                sock_connect=min(total, self.connect_timeout), sock_read=total, request_timeout=total
+            )
         return t
 
-    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
-                      timeout: float | None = None) -> HTTPResponse:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> HTTPResponse:
         x = self._exc
         h = {**self.headers, **headers} if headers else self.headers
-        send = partial(self._client.request, self.base + path, method, headers=h, data=body,
-                       timeouts=self._timeouts_for(timeout or self.timeout))
+        send = partial(
+            self._client.request,
+            self.base + path,
+            method,
+            headers=h,
+            data=body,
+            timeouts=self._timeouts_for(timeout or self.timeout),
+        )
         try:
             try:
                 r = await send()
@@ -162,15 +190,24 @@ class PyreqwestPool(_Adapter):
             .connect_timeout(timedelta(seconds=self.connect_timeout))
             .timeout(timedelta(seconds=self.timeout))
             .pool_max_idle_per_host(self.max_idle)
-            .gzip(False).brotli(False).zstd(False).deflate(False)
+            .gzip(False)
+            .brotli(False)
+            .zstd(False)
+            .deflate(False)
             .follow_redirects(False)
             .referer(False)
             .no_proxy()
             .build()
         )
 
-    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
-                      timeout: float | None = None) -> HTTPResponse:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> HTTPResponse:
         x = self._exc
         req = self._client.request(method, self.base + path).body_bytes(body)
         if headers:
@@ -202,8 +239,12 @@ def _caused_by(e: Any, text: str) -> bool:
     return any(text in c["message"] for c in (e.details.get("causes") or ()))
 
 
-CLIENTS: dict[str, type] = {"home": HTTPPool, "aiohttp": AiohttpPool, "aiosonic": AiosonicPool,
-                            "pyreqwest": PyreqwestPool}
+CLIENTS: dict[str, type] = {
+    "home": HTTPPool,
+    "aiohttp": AiohttpPool,
+    "aiosonic": AiosonicPool,
+    "pyreqwest": PyreqwestPool,
+}
 
 
 def versions() -> dict[str, str]:

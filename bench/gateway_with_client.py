@@ -23,16 +23,14 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     name, args = argv[0], argv[1:]
-    workers = [a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args)
-               if a.startswith("--workers")]
+    workers = [a.split("=", 1)[1] if "=" in a else args[i + 1] for i, a in enumerate(args) if a.startswith("--workers")]
     if name != "home" and workers and workers[-1] != "1":
         print("error: the client swap only reaches one worker process; drop --workers", file=sys.stderr)
         return 2
     if name != "home":
         # Upstreams._client looks HTTPPool up in this module at call time.
         if not hasattr(upstream, "HTTPPool"):
-            print("error: er_gateway.upstream.HTTPPool is gone; update bench/gateway_with_client.py",
-                  file=sys.stderr)
+            print("error: er_gateway.upstream.HTTPPool is gone; update bench/gateway_with_client.py", file=sys.stderr)
             return 2
         upstream.HTTPPool = CLIENTS[name]  # type: ignore[attr-defined]
     print(f"upstream client: {name}", file=sys.stderr, flush=True)  # lands in the bench's out.log

@@ -71,27 +71,61 @@ def embedding_answer(n: int, dim: int, fmt: str) -> bytes:
         vec = [round(rnd.uniform(-0.1, 0.1), 6) for _ in range(dim)]
         emb = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode() if fmt == "base64" else vec
         data.append({"index": i, "object": "embedding", "embedding": emb})
-    return json.dumps({"id": "embd-bench", "object": "list", "created": 1, "model": "Qwen3-Embedding-0.6B",
-                       "data": data, "usage": {"prompt_tokens": 8 * n, "total_tokens": 8 * n,
-                                               "completion_tokens": 0, "prompt_tokens_details": None}}).encode()
+    return json.dumps(
+        {
+            "id": "embd-bench",
+            "object": "list",
+            "created": 1,
+            "model": "Qwen3-Embedding-0.6B",
+            "data": data,
+            "usage": {
+                "prompt_tokens": 8 * n,
+                "total_tokens": 8 * n,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            },
+        }
+    ).encode()
 
 
 def score_answer(n: int) -> bytes:
     data = [{"index": i, "object": "score", "score": round(0.9 - i * 0.1, 4)} for i in range(n)]
-    return json.dumps({"id": "score-bench", "object": "list", "created": 1, "model": "Qwen3-Reranker-0.6B",
-                       "data": data, "usage": {"prompt_tokens": 400, "total_tokens": 400}}).encode()
+    return json.dumps(
+        {
+            "id": "score-bench",
+            "object": "list",
+            "created": 1,
+            "model": "Qwen3-Reranker-0.6B",
+            "data": data,
+            "usage": {"prompt_tokens": 400, "total_tokens": 400},
+        }
+    ).encode()
 
 
 SCENARIOS = {
     # name: (backend root, direct path, gateway path, request body)
-    "small-embeddings": ("small", "/v1/embeddings", "/v1/embeddings",
-                         {"model": "Qwen3-Embedding-0.6B", "input": "What is the capital of France?",
-                          "encoding_format": "base64"}),
-    "large-embeddings": ("large", "/v1/embeddings", "/v1/embeddings",
-                         {"model": "Qwen3-Embedding-0.6B", "input": [f"passage number {i} about Paris" for i in range(8)]}),
-    "rerank": ("rerank", "/score", "/v1/rerank",
-               {"model": "Qwen3-Reranker-0.6B", "query": "What is the capital of France?",
-                "documents": [f"Document {i}: Paris is the capital and largest city of France." for i in range(8)]}),
+    "small-embeddings": (
+        "small",
+        "/v1/embeddings",
+        "/v1/embeddings",
+        {"model": "Qwen3-Embedding-0.6B", "input": "What is the capital of France?", "encoding_format": "base64"},
+    ),
+    "large-embeddings": (
+        "large",
+        "/v1/embeddings",
+        "/v1/embeddings",
+        {"model": "Qwen3-Embedding-0.6B", "input": [f"passage number {i} about Paris" for i in range(8)]},
+    ),
+    "rerank": (
+        "rerank",
+        "/score",
+        "/v1/rerank",
+        {
+            "model": "Qwen3-Reranker-0.6B",
+            "query": "What is the capital of France?",
+            "documents": [f"Document {i}: Paris is the capital and largest city of France." for i in range(8)],
+        },
+    ),
 }
 
 
@@ -114,7 +148,7 @@ def write_backend(work: Path) -> dict[str, int]:
         servers.append(f"""
     server {{
         listen 127.0.0.1:{ports[name]} reuseport backlog=4096;
-        root {work / 'www' / name};
+        root {work / "www" / name};
         default_type application/json;
         keepalive_requests 1000000;
         location / {{ error_page 405 =200 $uri; }}
@@ -128,11 +162,13 @@ events {{ worker_connections 8192; }}
 http {{
     access_log off;
     client_body_buffer_size 64k;
-    {''.join(servers)}
+    {"".join(servers)}
 }}
 """)
-    print(f"sizes: small {len(roots['small']['v1/embeddings'])} B, large {len(roots['large']['v1/embeddings'])} B, "
-          f"rerank /score {len(roots['rerank']['score'])} B")
+    print(
+        f"sizes: small {len(roots['small']['v1/embeddings'])} B, large {len(roots['large']['v1/embeddings'])} B, "
+        f"rerank /score {len(roots['rerank']['score'])} B"
+    )
     return ports
 
 
@@ -143,19 +179,29 @@ def wrk(url: str, body: dict, key: str | None, conns: int, duration: int, work: 
         headers += f'wrk.headers["Authorization"] = "Bearer {key}"\n'
     lua.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n{headers}')
     threads = 1 if conns == 1 else 2
-    out = subprocess.run(["taskset", "-c", "1", "wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency",
-                          "-s", str(lua), url], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["taskset", "-c", "1", "wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--latency", "-s", str(lua), url],
+        capture_output=True,
+        text=True,
+    ).stdout
+
     def lat(label: str) -> float:
         m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)", out, re.M)
         if not m:
             return float("nan")
         v, unit = float(m.group(1)), m.group(2)
         return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
-    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": lat("50"), "p99": lat("99"),
-            "non2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors.group(1) if errors else ""}
+    return {
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "p50": lat("50"),
+        "p99": lat("99"),
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else "",
+    }
 
 
 def rss_kb(pid: int) -> int:
@@ -170,22 +216,63 @@ def rss_kb(pid: int) -> int:
     return total
 
 
-def start_gateway(work: Path, ports: dict[str, int], scenario_root: str, workers: int,
-                  redis_url: str | None, client: str | None = None) -> tuple[subprocess.Popen[bytes], str, str]:
+def start_gateway(
+    work: Path,
+    ports: dict[str, int],
+    scenario_root: str,
+    workers: int,
+    redis_url: str | None,
+    client: str | None = None,
+) -> tuple[subprocess.Popen[bytes], str, str]:
     gdir = Path(tempfile.mkdtemp(prefix=f"gw-{scenario_root}-{workers}-{client or ''}-", dir=work))
     keys = gdir / "keys.json"
-    key = subprocess.run([PY, str(ROOT / "embedding_reranker_proxy.py"), "keys", "--keys-file", str(keys), "create",
-                          "--name", "bench", "--rate-limit", "100000000/minute"], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    key = subprocess.run(
+        [
+            PY,
+            str(ROOT / "embedding_reranker_proxy.py"),
+            "keys",
+            "--keys-file",
+            str(keys),
+            "create",
+            "--name",
+            "bench",
+            "--rate-limit",
+            "100000000/minute",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     port = free_port()
     backend = f"http://127.0.0.1:{ports[scenario_root]}"
     # one worker: core 0 alone; more workers: every core (shared with nginx and wrk on core 1)
     cores = "0" if workers == 1 else f"0-{os.cpu_count() - 1}"
-    entry = [str(ROOT / "bench" / "gateway_with_client.py"), client] if client else [
-        str(ROOT / "embedding_reranker_proxy.py")]
-    cmd = ["taskset", "-c", cores, PY, *entry, "--host", "127.0.0.1",
-           "--port", str(port), "--keys-file", str(keys), "--log-dir", str(gdir / "logs"),
-           "--embedding-url", backend, "--reranker-url", backend, "--workers", str(workers)]
+    entry = (
+        [str(ROOT / "bench" / "gateway_with_client.py"), client]
+        if client
+        else [str(ROOT / "embedding_reranker_proxy.py")]
+    )
+    cmd = [
+        "taskset",
+        "-c",
+        cores,
+        PY,
+        *entry,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--keys-file",
+        str(keys),
+        "--log-dir",
+        str(gdir / "logs"),
+        "--embedding-url",
+        backend,
+        "--reranker-url",
+        backend,
+        "--workers",
+        str(workers),
+    ]
     if redis_url:
         cmd += ["--redis-url", redis_url]
     p = subprocess.Popen(cmd, stdout=open(gdir / "out.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -210,13 +297,16 @@ def start_proxy(work: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[byt
     pdir = work / "proxy"
     pdir.mkdir()
     proxy_ports = {name: free_port() for name in ports}
-    servers = "".join(f"""
+    servers = "".join(
+        f"""
     upstream {name} {{ server 127.0.0.1:{ports[name]}; keepalive 128; keepalive_requests 1000000; }}
     server {{
         listen 127.0.0.1:{proxy_ports[name]} backlog=4096;
         keepalive_requests 1000000;
         location / {{ proxy_pass http://{name}; }}
-    }}""" for name in ports)
+    }}"""
+        for name in ports
+    )
     (pdir / "nginx.conf").write_text(f"""
 worker_processes 1;
 daemon off;
@@ -231,8 +321,19 @@ http {{
     {servers}
 }}
 """)
-    p = subprocess.Popen(["taskset", "-c", "0", shutil.which("nginx") or "/usr/sbin/nginx", "-c",
-                          str(pdir / "nginx.conf"), "-p", str(pdir)], start_new_session=True)
+    p = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "0",
+            shutil.which("nginx") or "/usr/sbin/nginx",
+            "-c",
+            str(pdir / "nginx.conf"),
+            "-p",
+            str(pdir),
+        ],
+        start_new_session=True,
+    )
     try:
         for port in proxy_ports.values():
             wait_http(f"http://127.0.0.1:{port}/health")
@@ -253,12 +354,23 @@ def client_versions(clients: list[str]) -> dict[str, str]:
     return version
 
 
-def compare_clients(clients: list[str], scenarios: list[str], conns: list[int], rounds: int, duration: int,
-                    work: Path, ports: dict[str, int], proxy_ports: dict[str, int], results: list[dict]) -> None:
+def compare_clients(
+    clients: list[str],
+    scenarios: list[str],
+    conns: list[int],
+    rounds: int,
+    duration: int,
+    work: Path,
+    ports: dict[str, int],
+    proxy_ports: dict[str, int],
+    results: list[dict],
+) -> None:
     version = client_versions(clients)
     print("clients: " + ", ".join(f"{c} {version[c]}" for c in clients))
-    print(f"{'scenario':<18} {'c':>3} {'client':<13} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs home':>8}"
-          f" {'vs proxy':>8}")
+    print(
+        f"{'scenario':<18} {'c':>3} {'client':<13} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs home':>8}"
+        f" {'vs proxy':>8}"
+    )
     for name in scenarios:
         root, direct_path, gw_path, body = SCENARIOS[name]
         gws: dict[str, tuple[subprocess.Popen[bytes], str, str]] = {}
@@ -274,13 +386,22 @@ def compare_clients(clients: list[str], scenarios: list[str], conns: list[int], 
                 if answers[cl] is None or answers[cl] != answers[clients[0]]:
                     wrong[cl] = f"WRONG ANSWER: HTTP {r.status_code} {r.content[:120]!r}"
             for c in conns:
-                d = wrk(f"http://127.0.0.1:{ports[root]}{direct_path}", direct_body(name, body), None, c,
-                        duration, work)
-                px = wrk(f"http://127.0.0.1:{proxy_ports[root]}{direct_path}", direct_body(name, body), None, c,
-                         duration, work)
+                d = wrk(
+                    f"http://127.0.0.1:{ports[root]}{direct_path}", direct_body(name, body), None, c, duration, work
+                )
+                px = wrk(
+                    f"http://127.0.0.1:{proxy_ports[root]}{direct_path}",
+                    direct_body(name, body),
+                    None,
+                    c,
+                    duration,
+                    work,
+                )
                 for label, path, r in (("(direct)", "direct", d), ("(nginx proxy)", "nginx-proxy", px)):
-                    print(f"{name:<18} {c:>3} {label:<13} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f}"
-                          + (f"  non-2xx {r['non2xx']}" if r["non2xx"] else ""))
+                    print(
+                        f"{name:<18} {c:>3} {label:<13} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f}"
+                        + (f"  non-2xx {r['non2xx']}" if r["non2xx"] else "")
+                    )
                     results.append({"scenario": name, "conns": c, "path": path, **r})
                 runs: dict[str, list[dict]] = {cl: [] for cl in clients}
                 for _ in range(rounds):  # interleaved, so drift in the machine's load hits every client alike
@@ -292,15 +413,34 @@ def compare_clients(clients: list[str], scenarios: list[str], conns: list[int], 
                 for cl in clients:
                     m = median[cl]
                     ratio = f"{m['rps'] / median['home']['rps']:.2f}x" if median.get("home", {}).get("rps") else ""
-                    note = "  ".join(filter(None, [
-                        wrong.get(cl, ""), f"non-2xx {m['non2xx']}" if m["non2xx"] else "",
-                        f"socket errors {m['socket_errors']}" if m["socket_errors"] else "",
-                        "rounds " + "/".join(f"{r['rps']:.0f}" for r in runs[cl]) if rounds > 1 else ""]))
+                    note = "  ".join(
+                        filter(
+                            None,
+                            [
+                                wrong.get(cl, ""),
+                                f"non-2xx {m['non2xx']}" if m["non2xx"] else "",
+                                f"socket errors {m['socket_errors']}" if m["socket_errors"] else "",
+                                "rounds " + "/".join(f"{r['rps']:.0f}" for r in runs[cl]) if rounds > 1 else "",
+                            ],
+                        )
+                    )
                     vs_proxy = f"{m['rps'] / px['rps']:.2f}x" if px["rps"] else ""
-                    print(f"{'':<18} {c:>3} {cl:<13} {m['rps']:>9.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} {ratio:>8}"
-                          f" {vs_proxy:>8}  {note}")
-                    results.append({"scenario": name, "conns": c, "path": "gateway", "client": cl,
-                                    "version": version[cl], "correct": cl not in wrong, **m, "rounds": runs[cl]})
+                    print(
+                        f"{'':<18} {c:>3} {cl:<13} {m['rps']:>9.0f} {m['p50']:>8.3f} {m['p99']:>8.3f} {ratio:>8}"
+                        f" {vs_proxy:>8}  {note}"
+                    )
+                    results.append(
+                        {
+                            "scenario": name,
+                            "conns": c,
+                            "path": "gateway",
+                            "client": cl,
+                            "version": version[cl],
+                            "correct": cl not in wrong,
+                            **m,
+                            "rounds": runs[cl],
+                        }
+                    )
         finally:
             for p, _, _ in gws.values():
                 stop(p)
@@ -328,21 +468,39 @@ def start_litellm(work: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[b
     if not (venv / "bin" / "litellm").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         with open(work / "litellm-install.log", "wb") as log:
-            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]==1.100.5"], check=True,
-                           stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(
+                [str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]==1.100.5"],
+                check=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
     cfg = work / "litellm.yaml"
     cfg.write_text(f"""model_list:
   - model_name: Qwen3-Embedding-0.6B
     litellm_params:
       model: hosted_vllm/Qwen3-Embedding-0.6B
-      api_base: http://127.0.0.1:{ports['small']}/v1
+      api_base: http://127.0.0.1:{ports["small"]}/v1
 general_settings:
   master_key: sk-bench
 """)
     port = free_port()
-    p = subprocess.Popen(["taskset", "-c", "0", str(venv / "bin" / "litellm"), "--config", str(cfg), "--port",
-                          str(port), "--num_workers", "1"], stdout=open(work / "litellm.log", "wb"),
-                         stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "0",
+            str(venv / "bin" / "litellm"),
+            "--config",
+            str(cfg),
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ],
+        stdout=open(work / "litellm.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_http(f"http://127.0.0.1:{port}/health/liveliness", 120)
     return p, f"http://127.0.0.1:{port}", "sk-bench"
 
@@ -367,8 +525,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="er-bench-"))
     work.chmod(0o755)  # nginx workers run as an unprivileged user
     ports = write_backend(work)
-    nginx = subprocess.Popen(["taskset", "-c", "1", shutil.which("nginx") or "/usr/sbin/nginx", "-c",
-                              str(work / "nginx.conf"), "-p", str(work)], start_new_session=True)
+    nginx = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            "1",
+            shutil.which("nginx") or "/usr/sbin/nginx",
+            "-c",
+            str(work / "nginx.conf"),
+            "-p",
+            str(work),
+        ],
+        start_new_session=True,
+    )
     results: list[dict] = []
     proxy = None
     try:
@@ -378,50 +547,91 @@ def main() -> None:
         conns = [int(c) for c in (args.conns or ("64" if args.clients else "1,64")).split(",")]
         scenarios = list(filter(None, args.scenarios.split(",")))
         if args.clients:
-            compare_clients(args.clients.split(","), scenarios, conns, args.rounds, args.duration, work, ports,
-                            proxy_ports, results)
+            compare_clients(
+                args.clients.split(","), scenarios, conns, args.rounds, args.duration, work, ports, proxy_ports, results
+            )
             scenarios = []  # the clients replace the usual direct-vs-gateway table
         else:
-            print(f"{'scenario':<18} {'c':>3} {'path':<13} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10}"
-                  f" {'vs proxy':>8} {'p50 vs proxy':>12}")
+            print(
+                f"{'scenario':<18} {'c':>3} {'path':<13} {'rps':>9} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10}"
+                f" {'vs proxy':>8} {'p50 vs proxy':>12}"
+            )
         for name in scenarios:
             root, direct_path, gw_path, body = SCENARIOS[name]
             gw, gw_url, key = start_gateway(work, ports, root, 1, None)
             try:
                 for c in conns:
                     wrk(gw_url + gw_path, body, key, c, 2, work)  # warm-up
-                    d = wrk(f"http://127.0.0.1:{ports[root]}{direct_path}", direct_body(name, body), None, c,
-                            args.duration, work)
-                    px = wrk(f"http://127.0.0.1:{proxy_ports[root]}{direct_path}", direct_body(name, body), None, c,
-                             args.duration, work)
+                    d = wrk(
+                        f"http://127.0.0.1:{ports[root]}{direct_path}",
+                        direct_body(name, body),
+                        None,
+                        c,
+                        args.duration,
+                        work,
+                    )
+                    px = wrk(
+                        f"http://127.0.0.1:{proxy_ports[root]}{direct_path}",
+                        direct_body(name, body),
+                        None,
+                        c,
+                        args.duration,
+                        work,
+                    )
                     g = wrk(gw_url + gw_path, body, key, c, args.duration, work)  # last: --soak reuses its post.lua
-                    for label, path, r in (("direct", "direct", d), ("(nginx proxy)", "nginx-proxy", px),
-                                           ("gateway", "gateway", g)):
+                    for label, path, r in (
+                        ("direct", "direct", d),
+                        ("(nginx proxy)", "nginx-proxy", px),
+                        ("gateway", "gateway", g),
+                    ):
                         added = "" if path == "direct" else f"{r['p50'] - d['p50']:+.3f} ms"
-                        vs = (f"{g['rps'] / px['rps']:>7.2f}x {g['p50'] - px['p50']:>+9.3f} ms"
-                              if path == "gateway" and px["rps"] else "")
-                        print(f"{name:<18} {c:>3} {label:<13} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} "
-                              f"{added:>10} {vs}" + (f"  non-2xx {r['non2xx']}" if r["non2xx"] else ""))
+                        vs = (
+                            f"{g['rps'] / px['rps']:>7.2f}x {g['p50'] - px['p50']:>+9.3f} ms"
+                            if path == "gateway" and px["rps"]
+                            else ""
+                        )
+                        print(
+                            f"{name:<18} {c:>3} {label:<13} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f} "
+                            f"{added:>10} {vs}" + (f"  non-2xx {r['non2xx']}" if r["non2xx"] else "")
+                        )
                         results.append({"scenario": name, "conns": c, "path": path, **r})
                 if args.soak and name == "small-embeddings":
                     samples = []
                     t_end = time.monotonic() + args.soak
-                    soak = subprocess.Popen(["taskset", "-c", "1", "wrk", "-t2", "-c64", f"-d{args.soak}s", "-s",
-                                             str(work / "post.lua"), gw_url + gw_path], stdout=subprocess.PIPE)
+                    soak = subprocess.Popen(
+                        [
+                            "taskset",
+                            "-c",
+                            "1",
+                            "wrk",
+                            "-t2",
+                            "-c64",
+                            f"-d{args.soak}s",
+                            "-s",
+                            str(work / "post.lua"),
+                            gw_url + gw_path,
+                        ],
+                        stdout=subprocess.PIPE,
+                    )
                     while time.monotonic() < t_end:
                         time.sleep(max(1, args.soak // 30))
                         samples.append(rss_kb(gw.pid))
                     soak.wait()
                     first, last = samples[len(samples) // 5], samples[-1]
-                    print(f"soak {args.soak}s: RSS after warm-up {first / 1024:.1f} MiB, at end {last / 1024:.1f} "
-                          f"MiB ({(last - first) / first * 100:+.1f} %)")
+                    print(
+                        f"soak {args.soak}s: RSS after warm-up {first / 1024:.1f} MiB, at end {last / 1024:.1f} "
+                        f"MiB ({(last - first) / first * 100:+.1f} %)"
+                    )
                     results.append({"scenario": "soak", "rss_start_kb": first, "rss_end_kb": last, "samples": samples})
             finally:
                 stop(gw)
         if args.workers:
             redis_port = free_port()
-            redis = subprocess.Popen(["taskset", "-c", "1", "redis-server", "--port", str(redis_port), "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, start_new_session=True)
+            redis = subprocess.Popen(
+                ["taskset", "-c", "1", "redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             time.sleep(0.5)
             _, _, _, body = SCENARIOS["small-embeddings"]
             try:
@@ -430,7 +640,9 @@ def main() -> None:
                     try:
                         wrk(gw_url + "/v1/embeddings", body, key, 64, 2, work)
                         r = wrk(gw_url + "/v1/embeddings", body, key, 64, args.duration, work)
-                        print(f"workers={w} with redis: {r['rps']:.0f} rps, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms")
+                        print(
+                            f"workers={w} with redis: {r['rps']:.0f} rps, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms"
+                        )
                         results.append({"scenario": f"workers-{w}-redis", "conns": 64, **r})
                     finally:
                         stop(gw)
@@ -442,7 +654,10 @@ def main() -> None:
                 _, _, _, body = SCENARIOS["small-embeddings"]
                 for c in conns:
                     r = wrk(ll_url + "/v1/embeddings", body, ll_key, c, args.duration, work)
-                    print(f"{'litellm small':<18} {c:>3} {'litellm':<13} {r['rps']:>9.0f} {r['p50']:>8.3f} {r['p99']:>8.3f}")
+                    print(
+                        f"{'litellm small':<18} {c:>3} {'litellm':<13} {r['rps']:>9.0f} "
+                        f"{r['p50']:>8.3f} {r['p99']:>8.3f}"
+                    )
                     results.append({"scenario": "small-embeddings", "conns": c, "path": "litellm", **r})
             finally:
                 stop(ll)

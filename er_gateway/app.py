@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -50,8 +51,9 @@ def _no_route(scope: Scope, allowed: list[str] | None) -> Response:
     method, path = scope["method"], scope["path"]
     if allowed is None:
         return GatewayError(404, f"no such route: {method} {path}").response()
-    return GatewayError(405, f"method not allowed: {method} {path}; use {', '.join(allowed)}",
-                        headers={"Allow": ", ".join(allowed)}).response()
+    return GatewayError(
+        405, f"method not allowed: {method} {path}; use {', '.join(allowed)}", headers={"Allow": ", ".join(allowed)}
+    ).response()
 
 
 class GatewayASGI:
@@ -84,8 +86,11 @@ class GatewayASGI:
                 s = gw.settings
                 log.info(
                     "gateway pid %d serving %s; rate limit %s (%s), max concurrency %d",
-                    os.getpid(), ", ".join(f"{m.name} ({m.kind}) -> {','.join(m.urls)}" for m in s.models),
-                    s.rate_limit, "redis" if s.redis_url else "memory", gw.gate.limit,
+                    os.getpid(),
+                    ", ".join(f"{m.name} ({m.kind}) -> {','.join(m.urls)}" for m in s.models),
+                    s.rate_limit,
+                    "redis" if s.redis_url else "memory",
+                    gw.gate.limit,
                 )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -107,7 +112,7 @@ class GatewayASGI:
         status = 500
         gone = ""  # set when the client left: what the gateway was doing then
 
-        async def send_wrapper(message: dict[str, Any]) -> None:
+        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -147,8 +152,11 @@ class GatewayASGI:
                 status = CLIENT_CLOSED
                 log.info(
                     "client closed the connection %s: status=499 method=%s path=%s request_id=%s key=%s",
-                    gone, log_field(scope.get("method")), log_field(scope.get("path")),
-                    log_field(info.request_id), log_field(info.key_name),
+                    gone,
+                    log_field(scope.get("method")),
+                    log_field(scope.get("path")),
+                    log_field(info.request_id),
+                    log_field(info.key_name),
                 )
             self.recorder.record(scope, info, status)
 

@@ -72,8 +72,13 @@ class Catalog:
     def model_table(self) -> dict[str, Any]:
         return {
             "models": [
-                {"name": m.name, "kind": m.kind, "urls": m.urls, "aliases": m.aliases,
-                 **({"prompt": m.prompt} if m.kind == "rerank" else {})}
+                {
+                    "name": m.name,
+                    "kind": m.kind,
+                    "urls": m.urls,
+                    "aliases": m.aliases,
+                    **({"prompt": m.prompt} if m.kind == "rerank" else {}),
+                }
                 for m in self.settings.models
             ]
         }

@@ -46,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="{keys}")
     keys = sub.add_parser("keys", help="manage API keys (see `keys -h`)")
-    keys.add_argument("--keys-file", dest="keys_file", default=argparse.SUPPRESS,
-                      help="keys file [env ER_KEYS_FILE; default: er_api_keys.json]")
+    keys.add_argument(
+        "--keys-file",
+        dest="keys_file",
+        default=argparse.SUPPRESS,
+        help="keys file [env ER_KEYS_FILE; default: er_api_keys.json]",
+    )
     keys.add_argument("--config", dest="config", default=argparse.SUPPRESS, help="config file")
     ks = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke,rotate}")
     create = ks.add_parser("create", help="create a key; prints only the key")
@@ -133,13 +137,18 @@ def keys_command(args: dict[str, Any]) -> int:
             print(key)
         elif cmd == "list":
             rows = keystore.read_keys(path)
-            print(f"{'NAME':<20} {'KEY':<10} {'STATE':<8} {'RATE':<14} {'TOKENS':<14} {'MODELS':<30} {'EXPIRES':<12} CREATED")
+            print(
+                f"{'NAME':<20} {'KEY':<10} {'STATE':<8} {'RATE':<14} {'TOKENS':<14} {'MODELS':<30} "
+                f"{'EXPIRES':<12} CREATED"
+            )
             for k in rows:
                 state = "revoked" if k.revoked else "expired" if k.expired(time.time()) else "active"
                 models = ",".join(k.models) if k.models is not None else "*"
-                print(f"{k.name:<20} {k.hint + '…':<10} {state:<8} {k.rate_limit or 'default':<14} "
-                      f"{k.token_limit or '-':<14} {models:<30} {k.expires or '-':<12} {k.created}"
-                      f"{'  admin' if k.admin else ''}")
+                print(
+                    f"{k.name:<20} {k.hint + '…':<10} {state:<8} {k.rate_limit or 'default':<14} "
+                    f"{k.token_limit or '-':<14} {models:<30} {k.expires or '-':<12} {k.created}"
+                    f"{'  admin' if k.admin else ''}"
+                )
         elif cmd == "revoke":
             keystore.revoke_key(path, args["name"])
             print(f"revoked {args['name']!r}", file=sys.stderr)
@@ -167,6 +176,7 @@ def serve(settings: Any, cli: dict[str, Any]) -> int:
         return 2
     if created:
         print(BANNER.format(path=os.path.abspath(settings.keys_file), key=created, port=settings.port), flush=True)
+
     # Front door (er_gateway/frontdoor.py): header timeout, head size cap, connection cap (per process),
     # lingering close after an early answer. configure() raises RLIMIT_NOFILE (workers inherit it) and
     # logs if the cap had to be lowered: after create_app() so that the line reaches the gateway log.

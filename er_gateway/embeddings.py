@@ -135,8 +135,7 @@ async def _estimate(rt: Runtime, pool: Pool, inputs: Any, truncate: Any = None) 
         inputs = [inputs]
     if isinstance(truncate, int) and not isinstance(truncate, bool) and truncate > 0:
         # vLLM keeps at most `truncate` tokens of each input; bytes bound tokens from above.
-        return sum(min(len(x) if isinstance(x, list) else len(x.encode()), truncate) + SPECIAL_TOKENS
-                   for x in inputs)
+        return sum(min(len(x) if isinstance(x, list) else len(x.encode()), truncate) + SPECIAL_TOKENS for x in inputs)
     texts = [x for x in inputs if isinstance(x, str)]
     ids = sum(len(x) for x in inputs if isinstance(x, list))
     return await rt.catalog.count_tokens(pool.model, texts) + ids + SPECIAL_TOKENS * len(inputs)
@@ -158,9 +157,7 @@ def _apply_gateway_fields(rt: Runtime, pool: Pool, req: EmbeddingRequest, data: 
     elif all(isinstance(x, str) for x in inputs):
         data["input"] = [embedding_query(x, instruction) for x in inputs]
     else:
-        raise GatewayError(
-            400, "instruction/input_type need text input, not token ids", param="input"
-        )
+        raise GatewayError(400, "instruction/input_type need text input, not token ids", param="input")
     return True
 
 
@@ -178,7 +175,7 @@ def _merge(parts: list[dict[str, Any]], size: int) -> bytes:
             item["index"] = (index if isinstance(index, int) else 0) + n * size
         items.extend(part_items)
         part_usage = part.get("usage")
-        for k, v in (part_usage.items() if isinstance(part_usage, dict) else ()):
+        for k, v in part_usage.items() if isinstance(part_usage, dict) else ():
             if isinstance(v, int):
                 usage[k] = usage.get(k, 0) + v
     first_usage = merged.get("usage")

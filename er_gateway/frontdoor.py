@@ -60,8 +60,12 @@ def _envelope(status: int, type_: str, message: str, default_headers: list[tuple
     out = [STATUS_LINE[status]]
     for name, value in default_headers:
         out += [name, b": ", value, b"\r\n"]
-    out += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-            b"\r\nconnection: close\r\n\r\n", body]
+    out += [
+        b"content-type: application/json\r\ncontent-length: ",
+        str(len(body)).encode(),
+        b"\r\nconnection: close\r\n\r\n",
+        body,
+    ]
     return b"".join(out)
 
 
@@ -70,8 +74,7 @@ class _Transport:
     lingering close when the response is complete but the request body is not. Everything else is
     the transport's own bound methods (no extra call on the hot path)."""
 
-    __slots__ = ("_proto", "_transport", "write", "is_closing", "pause_reading", "resume_reading",
-                 "get_extra_info")
+    __slots__ = ("_proto", "_transport", "write", "is_closing", "pause_reading", "resume_reading", "get_extra_info")
 
     def __init__(self, proto: FrontDoorProtocol, transport: asyncio.Transport) -> None:
         self._proto = proto
@@ -210,7 +213,11 @@ class FrontDoorProtocol(HttpToolsProtocol):
             return
         log.warning(
             "refused %d client connection(s) since the last such line: %d open, the limit of this process "
-            "(--max-connections) is %d", fd.refused, fd.open_connections, fd.max_connections)
+            "(--max-connections) is %d",
+            fd.refused,
+            fd.open_connections,
+            fd.max_connections,
+        )
         fd.refused = 0
         fd._last_refusal_log = time.monotonic()
 
@@ -301,10 +308,14 @@ class FrontDoorProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             return
         limit = self.max_header_bytes
-        self.transport.write(_envelope(
-            431, "request_header_fields_too_large",
-            f"request line and headers exceed the limit of {limit} bytes (--max-header-bytes)",
-            self.server_state.default_headers))
+        self.transport.write(
+            _envelope(
+                431,
+                "request_header_fields_too_large",
+                f"request line and headers exceed the limit of {limit} bytes (--max-header-bytes)",
+                self.server_state.default_headers,
+            )
+        )
         self._linger()
 
     @staticmethod
@@ -336,9 +347,14 @@ class FrontDoorProtocol(HttpToolsProtocol):
             return
         FrontDoorProtocol.header_timeouts += 1
         if self._head_room < self.max_header_bytes:  # part of a head arrived: say why
-            t.write(_envelope(408, "request_timeout",
-                              f"request line and headers not received within {self.header_timeout:g} s "
-                              "(--header-timeout)", self.server_state.default_headers))
+            t.write(
+                _envelope(
+                    408,
+                    "request_timeout",
+                    f"request line and headers not received within {self.header_timeout:g} s (--header-timeout)",
+                    self.server_state.default_headers,
+                )
+            )
         t.close()
 
     # --- answers before the body is in: lingering close ------------------------------------
@@ -435,10 +451,18 @@ def configure(header_timeout: float, max_header_bytes: int, max_connections: int
             log.warning(
                 "--max-connections %d does not fit the open-files limit (%d, %d kept for upstream connections "
                 "and logs): this process accepts at most %d client connections; raise `ulimit -n` (hard limit) "
-                "or lower --max-connections", max_connections, soft, FD_RESERVE, fit)
+                "or lower --max-connections",
+                max_connections,
+                soft,
+                FD_RESERVE,
+                fit,
+            )
             cap = fit
-    conf = {"header_timeout": float(header_timeout), "max_header_bytes": int(max_header_bytes),
-            "max_connections": int(cap)}
+    conf = {
+        "header_timeout": float(header_timeout),
+        "max_header_bytes": int(max_header_bytes),
+        "max_connections": int(cap),
+    }
     apply(conf)
     return conf
 

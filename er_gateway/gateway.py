@@ -67,14 +67,20 @@ class Gateway:
 
     def _build(self, settings: Settings, tokenizers: dict[str, Any], previous: Runtime | None) -> Runtime:
         m = self.metrics
-        old_limiter = previous.admission.limiter if previous else None
-        same_storage = old_limiter is not None and (previous.settings.redis_url, previous.settings.redis_timeout) == (  # type: ignore[union-attr]
-            settings.redis_url, settings.redis_timeout)
+        storage = None
+        if previous is not None:
+            before = previous.settings
+            if (before.redis_url, before.redis_timeout) == (settings.redis_url, settings.redis_timeout):
+                storage = previous.admission.limiter.storage
         limiter = RateLimiter(
-            settings.rate_limit, settings.token_limit, settings.redis_url, settings.redis_failure_mode,
-            redis_timeout=settings.redis_timeout, breaker_interval=settings.redis_breaker_interval,
+            settings.rate_limit,
+            settings.token_limit,
+            settings.redis_url,
+            settings.redis_failure_mode,
+            redis_timeout=settings.redis_timeout,
+            breaker_interval=settings.redis_breaker_interval,
             # Memory counters survive a reload: a reload must not hand every key a fresh budget.
-            storage=old_limiter.storage if same_storage and old_limiter else None,
+            storage=storage,
             on_storage_error=m.storage_errors.inc,
         )
         upstreams = Upstreams(

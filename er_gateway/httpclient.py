@@ -252,7 +252,7 @@ class HTTPPool:
         check_backend_url(url)
         parts = urlsplit(url)
         self.url = url
-        self.host = parts.hostname
+        self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.prefix = parts.path.rstrip("/")
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None

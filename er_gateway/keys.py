@@ -70,13 +70,13 @@ def expiry_timestamp(value: str) -> float:
     try:
         if len(value) == 10:
             day = dt.date.fromisoformat(value)
-            end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
+            end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
             return end.timestamp()
         moment = dt.datetime.fromisoformat(value)
     except ValueError:
         raise ValueError(f"expiry {value!r} is not YYYY-MM-DD or an ISO datetime") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
+        moment = moment.replace(tzinfo=dt.UTC)
     return moment.timestamp()
 
 
@@ -117,8 +117,7 @@ def read_keys(path: str | os.PathLike[str]) -> list[ApiKey]:
         keys = [_record(item) for item in items]
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise KeysFileError(
-            f"keys file {path} is corrupt ({type(e).__name__}: {e}); fix or move it away — "
-            "it was left untouched"
+            f"keys file {path} is corrupt ({type(e).__name__}: {e}); fix or move it away — it was left untouched"
         ) from None
     names = [k.name for k in keys]
     if len(names) != len(set(names)):
@@ -129,9 +128,7 @@ def read_keys(path: str | os.PathLike[str]) -> list[ApiKey]:
 def write_keys(path: str | os.PathLike[str], keys: list[ApiKey]) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    body = orjson.dumps(
-        {"version": 1, "keys": [k.to_json() for k in keys]}, option=orjson.OPT_INDENT_2
-    )
+    body = orjson.dumps({"version": 1, "keys": [k.to_json() for k in keys]}, option=orjson.OPT_INDENT_2)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         os.fchmod(fd, 0o600)
@@ -174,7 +171,7 @@ def new_record(
             "name": name,
             "hash": hash_key(key),
             "hint": key[: len(KEY_PREFIX) + 4],
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "rate_limit": rate_limit,
             "token_limit": token_limit,
             "models": models,
@@ -209,9 +206,7 @@ def rotate_key(path: str | os.PathLike[str], name: str) -> str:
         _find(keys, name)
         key = generate_key()
         updated = [
-            replace(k, hash=hash_key(key), hint=key[: len(KEY_PREFIX) + 4], revoked=False)
-            if k.name == name
-            else k
+            replace(k, hash=hash_key(key), hint=key[: len(KEY_PREFIX) + 4], revoked=False) if k.name == name else k
             for k in keys
         ]
         write_keys(path, updated)

@@ -57,8 +57,9 @@ def kind_variable(kind: Kind, name: str) -> str:
 
 def variables(req: ReloadModelRequest) -> dict[str, str]:
     """The scripts' environment for the settings a reload asks for."""
-    return {(kind_variable(req.kind, f.upper()) if _VARIABLES[f] else f.upper()): str(v)
-            for f, v in req.settings().items()}
+    return {
+        (kind_variable(req.kind, f.upper()) if _VARIABLES[f] else f.upper()): str(v) for f, v in req.settings().items()
+    }
 
 
 def command(kind: Kind, env: dict[str, str]) -> str:
@@ -109,11 +110,17 @@ class ModelManager:
         wanted = variables(req)
         for i, r in enumerate(pool.replicas):
             if not is_loopback_url(r.url):
-                raise GatewayError(409, f"replica {i} of model {pool.model.name!r} is not on this machine, so "
-                                        f"this gateway cannot restart it; run `{command(req.kind, wanted)}` there")
+                raise GatewayError(
+                    409,
+                    f"replica {i} of model {pool.model.name!r} is not on this machine, so "
+                    f"this gateway cannot restart it; run `{command(req.kind, wanted)}` there",
+                )
         if not START_SCRIPT.exists():
-            raise GatewayError(409, "--manage-models needs start_vllm_models.sh beside the gateway's package "
-                                    "(a source checkout, as scripts/run.sh uses)")
+            raise GatewayError(
+                409,
+                "--manage-models needs start_vllm_models.sh beside the gateway's package "
+                "(a source checkout, as scripts/run.sh uses)",
+            )
         if self._lock.locked():
             raise GatewayError(409, "a reload is already in progress; try again when it has answered")
         async with self._lock:
@@ -123,18 +130,29 @@ class ModelManager:
             if "MODEL_SIZE" in wanted and path_var not in wanted:
                 new.pop(path_var, None)  # a new size means that size's weights, not an older path
             start = time.monotonic()
-            log.info("reloading %s (%d replica(s)) with %s", pool.model.name, len(pool.replicas),
-                     log_field(command(req.kind, new)))
+            log.info(
+                "reloading %s (%d replica(s)) with %s",
+                pool.model.name,
+                len(pool.replicas),
+                log_field(command(req.kind, new)),
+            )
             for i, replica in enumerate(pool.replicas):
                 ok, tail = await self._restart(pool, i, replica, new)
                 if not ok:
                     restored = all([await self._restart(pool, j, pool.replicas[j], previous) for j in range(i + 1)])
-                    log.error("reload of %s failed at replica %d; previous settings %s", pool.model.name, i,
-                              "restored" if restored else "NOT restored (see the vLLM logs)")
-                    raise GatewayError(502, f"replica {i} of model {pool.model.name!r} did not start with the new "
-                                            f"settings; previous settings "
-                                            f"{'restored' if restored else 'could not be restored'}. "
-                                            f"End of its log:\n{tail}")
+                    log.error(
+                        "reload of %s failed at replica %d; previous settings %s",
+                        pool.model.name,
+                        i,
+                        "restored" if restored else "NOT restored (see the vLLM logs)",
+                    )
+                    raise GatewayError(
+                        502,
+                        f"replica {i} of model {pool.model.name!r} did not start with the new "
+                        f"settings; previous settings "
+                        f"{'restored' if restored else 'could not be restored'}. "
+                        f"End of its log:\n{tail}",
+                    )
             self._current[req.kind] = new
         return {
             "status": "reloaded",
@@ -161,16 +179,28 @@ class ModelManager:
             while replica.outstanding and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             log_dir = replica_log_dir(self.settings, kind, index, replica.url)
-            full = {**os.environ, **env, "LOG_DIR": str(log_dir),
-                    kind_variable(kind, "PORT"): str(urlsplit(replica.url).port)}
+            full = {
+                **os.environ,
+                **env,
+                "LOG_DIR": str(log_dir),
+                kind_variable(kind, "PORT"): str(urlsplit(replica.url).port),
+            }
             if self.settings.backend_api_key:
                 full["VLLM_API_KEY"] = self.settings.backend_api_key  # every replica keeps the gateway's key
             # The script's output goes to a file, not a pipe: the vLLM server it leaves running
             # could inherit a pipe's end (uvloop does not mark it close-on-exec) and hold it open.
             with tempfile.TemporaryFile() as out:
                 proc = await asyncio.create_subprocess_exec(
-                    str(START_SCRIPT), "--restart", "--only", script_kind(kind), env=full, cwd=str(ROOT),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT, close_fds=True,
+                    str(START_SCRIPT),
+                    "--restart",
+                    "--only",
+                    script_kind(kind),
+                    env=full,
+                    cwd=str(ROOT),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    close_fds=True,
                 )
                 await proc.wait()
                 out.seek(0)

@@ -55,8 +55,8 @@ def document(routes: tuple[Route, ...]) -> dict[str, Any]:
             "title": "Qwen3 embedding & reranker gateway",
             "version": __version__,
             "description": "OpenAI-style embeddings and Jina/Cohere-style rerank in front of vLLM. "
-                           "Send `Authorization: Bearer <key>`. Every error has the same envelope: "
-                           "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
+            "Send `Authorization: Bearer <key>`. Every error has the same envelope: "
+            '`{"error": {"message", "type", "param", "code"}}`.',
         },
         "paths": paths,
         "components": {
@@ -81,8 +81,9 @@ def _operation(r: Route) -> dict[str, Any]:
         op["description"] = r.description
     if r.body is not None:
         media: dict[str, Any] = {"schema": _ref(r.body)}
-        examples = (r.body.model_config.get("json_schema_extra") or {}).get("examples")  # type: ignore[union-attr]
-        if examples:
+        extra = r.body.model_config.get("json_schema_extra")
+        examples = extra.get("examples") if isinstance(extra, dict) else None
+        if isinstance(examples, list) and examples:
             media["example"] = examples[0]
         op["requestBody"] = {"required": r.path != "/reload_model", "content": {"application/json": media}}
     ok: dict[str, Any] = {"description": "OK"}
@@ -92,7 +93,9 @@ def _operation(r: Route) -> dict[str, Any]:
         item = {"anyOf": [{"$ref": "#/components/schemas/RerankResponse"}, _ref(ErrorEnvelope)]}
         ok["content"] = {"application/json": {"schema": {"type": "array", "items": item}}}
     else:
-        ok["content"] = {r.media: {"schema": {"type": "string"} if r.media != "application/json" else {"type": "object"}}}
+        ok["content"] = {
+            r.media: {"schema": {"type": "string"} if r.media != "application/json" else {"type": "object"}}
+        }
     op["responses"] = {"200": ok}
     for code in r.errors:
         op["responses"][str(code)] = {

@@ -20,9 +20,14 @@ EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
 class EmbeddingRequest(BaseModel):
     """OpenAI's embeddings request plus the Qwen3 query instruction; other vLLM fields pass through."""
 
-    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
-        {"model": "Qwen3-Embedding-0.6B", "input": ["what is a panda?"], "input_type": "query"},
-    ]})
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"model": "Qwen3-Embedding-0.6B", "input": ["what is a panda?"], "input_type": "query"},
+            ]
+        },
+    )
 
     model: StrictStr | None = None
     input: EmbeddingInput
@@ -52,10 +57,19 @@ class RerankRequest(BaseModel):
     """Jina/Cohere rerank, plus `max_length` (truncate each document to that many tokens) and
     the Qwen3 `instruction`."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
-        {"model": "Qwen3-Reranker-0.6B", "query": "what is a panda?",
-         "documents": ["The giant panda is a bear.", "Paris is in France."], "top_n": 1},
-    ]})
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "Qwen3-Reranker-0.6B",
+                    "query": "what is a panda?",
+                    "documents": ["The giant panda is a bear.", "Paris is in France."],
+                    "top_n": 1,
+                },
+            ]
+        },
+    )
 
     model: StrictStr | None = None
     query: StrictStr = Field(min_length=1)
@@ -94,8 +108,9 @@ class ReloadModelRequest(BaseModel):
     def _plain_path(cls, v: str | None) -> str | None:
         # It becomes vLLM's first argument: a leading dash would be read as an option.
         if v is not None and (v.startswith("-") or not v.isprintable()):
-            raise ValueError("model_path must be a hub name or a path, not starting with '-' and "
-                             "without control characters")
+            raise ValueError(
+                "model_path must be a hub name or a path, not starting with '-' and without control characters"
+            )
         return v
 
     def settings(self) -> dict[str, Any]:
@@ -113,9 +128,18 @@ class ScoreRequest(BaseModel):
     `data_1`/`data_2`) reach vLLM unchecked but for their size.
     """
 
-    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
-        {"model": "Qwen3-Reranker-0.6B", "text_1": "what is a panda?", "text_2": ["The giant panda is a bear."]},
-    ]})
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "Qwen3-Reranker-0.6B",
+                    "text_1": "what is a panda?",
+                    "text_2": ["The giant panda is a bear."],
+                },
+            ]
+        },
+    )
 
     model: StrictStr | None = None
     text_1: ScoreText | None = Field(None, min_length=1)

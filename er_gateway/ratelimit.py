@@ -23,16 +23,19 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NoReturn, TypeVar
 
-from limits import RateLimitItem, parse as parse_limit
+from limits import RateLimitItem
+from limits import parse as parse_limit
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from .errors import GatewayError
 from .keys import ApiKey
+
+T = TypeVar("T")
 
 log = logging.getLogger("er_gateway.limits")
 
@@ -222,8 +225,7 @@ class RateLimiter:
                 if min(tokens, current) > 0:
                     # limits has no decrement for Redis; a negative increment of the current
                     # window's counter is one (clamped above by what it holds).
-                    await self._call(storage.incr(storage._current_window_key(name), expiry * 2,
-                                                  -min(tokens, current)))
+                    await self._call(storage.incr(storage._current_window_key(name), expiry * 2, -min(tokens, current)))
             elif isinstance(storage, MemoryStorage):
                 _, current_key = storage.sliding_window_keys(name, expiry, time.time())
                 await storage.decr(current_key, tokens)  # clamps at zero
@@ -275,7 +277,7 @@ class RateLimiter:
         )
         return sliding_budget(item.amount, item.get_expiry(), prev, prev_ttl, cur, cur_ttl)
 
-    async def _call(self, coro):  # type: ignore[no-untyped-def]
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         if not self.shared:
             return await coro
         probe = False
@@ -287,15 +289,20 @@ class RateLimiter:
         try:
             async with asyncio.timeout(self.redis_timeout):
                 result = await coro
-        except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 - any storage failure
+        except (TimeoutError, Exception) as e:  # noqa: BLE001 - any storage failure
             self._open_until = time.monotonic() + self.breaker_interval
             if self.on_storage_error is not None:
                 self.on_storage_error()
             now = time.monotonic()
             if now - self._last_warning > 10:
                 self._last_warning = now
-                log.warning("rate-limit storage failed (%s: %s); failing %s for %gs before retrying",
-                            type(e).__name__, e, self.failure_mode, self.breaker_interval)
+                log.warning(
+                    "rate-limit storage failed (%s: %s); failing %s for %gs before retrying",
+                    type(e).__name__,
+                    e,
+                    self.failure_mode,
+                    self.breaker_interval,
+                )
             self._fail()
         finally:
             if probe:
@@ -305,7 +312,7 @@ class RateLimiter:
             log.warning("rate-limit storage is back")
         return result
 
-    def _fail(self) -> None:
+    def _fail(self) -> NoReturn:
         if self.failure_mode == "closed":
             raise GatewayError(503, "rate-limit storage is unavailable", headers={"Retry-After": "1"})
         raise _StorageDown
@@ -321,9 +328,7 @@ class _StorageDown(Exception):
     """Redis failed and the failure mode is `open`: serve without counting."""
 
 
-def sliding_budget(
-    limit: int, window: float, prev: int, prev_ttl: float, cur: int, cur_ttl: float
-) -> Budget:
+def sliding_budget(limit: int, window: float, prev: int, prev_ttl: float, cur: int, cur_ttl: float) -> Budget:
     """Remaining and time-to-next-allowed for limits' sliding-window counter.
 
     The counter allows a hit while floor(prev * w + cur) < limit, where w is the

@@ -60,8 +60,9 @@ async def _read_counted(request: Request, settings: Settings) -> bytes:
             continue
         size += len(chunk)
         if size > limit:
-            raise GatewayError(413, f"request body exceeds the limit of {limit} bytes (--max-body-bytes)",
-                               headers=CLOSE)
+            raise GatewayError(
+                413, f"request body exceeds the limit of {limit} bytes (--max-body-bytes)", headers=CLOSE
+            )
         # An upper bound of the values in the body: every array item but the first follows a
         # comma, and every object or array opens with a bracket (commas inside strings only
         # make the bound more cautious).
@@ -116,6 +117,7 @@ def check_inputs(data: dict[str, Any], settings: Settings) -> None:
             return
         raise _bad_items("input", inputs, lambda x: type(x) is str, "a string, like input[0]")
     if first is list:
+
         def token_list(x: Any) -> bool:
             return type(x) is list and bool(x) and all(type(t) is int for t in x)
 
@@ -126,7 +128,7 @@ def check_inputs(data: dict[str, Any], settings: Settings) -> None:
 
 
 def _bad_items(field: str, items: list[Any], ok: Any, want: str) -> GatewayError:
-    problems = []
+    problems: list[str] = []
     total = 0
     for i, x in enumerate(items):
         if not ok(x):
@@ -176,7 +178,7 @@ def validate(model: type[M], data: Any) -> M:
 
 UNION_HINTS = {
     "input": "a non-empty string, a list of strings, a list of token ids or a list of lists of token ids",
-    "documents": "a non-empty list of strings or of {\"text\": ...} objects",
+    "documents": 'a non-empty list of strings or of {"text": ...} objects',
     "text_1": "a non-empty string or a non-empty list of strings",
     "text_2": "a non-empty string or a non-empty list of strings",
 }
@@ -196,13 +198,13 @@ def validation_error(e: ValidationError) -> GatewayError:
     seen: set[tuple[Any, ...]] = set()
     for err in errors:
         loc = err["loc"]
-        item = _union_item(loc) if loc and str(loc[0]) in UNION_HINTS else None
-        union = item is not None and per_item[item] > 1
-        key = item if union else loc
+        member = _union_item(loc) if loc and str(loc[0]) in UNION_HINTS else None
+        union = member is not None and per_item[member] > 1
+        key: tuple[Any, ...] = member if member is not None and union else tuple(loc)
         if key in seen:
             continue
         seen.add(key)
-        problems.append(_describe(err, item if union else None) if len(seen) <= MAX_PROBLEMS else "")
+        problems.append(_describe(err, member if union else None) if len(seen) <= MAX_PROBLEMS else "")
     first = errors[0]["loc"]
     param = str(first[0]) if first else None
     if len(problems) == 1:
@@ -212,7 +214,7 @@ def validation_error(e: ValidationError) -> GatewayError:
     return GatewayError(400, f"{len(problems)} problems{more}: {shown}", param=param)
 
 
-def _union_item(loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+def _union_item(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """What a union member's error is about: the whole `input`, or one item ('documents', 3)."""
     if loc[0] == "input" or len(loc) < 2 or not isinstance(loc[1], int):
         return loc[:1]

@@ -79,8 +79,7 @@ async def rerank(rt: Runtime, adm: Admission, req: RerankRequest, *, ranked: boo
     if ranked:
         answer["scores"] = scores
         answer["ranked_documents"] = [
-            {"document": texts[i], "score": scores[i], "rank": rank}
-            for rank, i in enumerate(order, start=1)
+            {"document": texts[i], "score": scores[i], "rank": rank} for rank, i in enumerate(order, start=1)
         ]
     return answer
 
@@ -103,8 +102,9 @@ async def _fit(rt: Runtime, pool: Pool, adm: Admission, query: str, instruction:
     limit = pool.max_model_len
     if not limit:
         return max_length
-    frame = [query] if pool.model.prompt == "none" else \
-        [rerank_query_part(query, instruction), rerank_document_part("")]
+    frame = (
+        [query] if pool.model.prompt == "none" else [rerank_query_part(query, instruction), rerank_document_part("")]
+    )
     bound = sum(map(_utf8_len, frame)) + SPECIAL_TOKENS  # tokens, from above, without tokenizing
     if max_length + bound <= limit:
         return max_length
@@ -116,8 +116,12 @@ async def _fit(rt: Runtime, pool: Pool, adm: Admission, query: str, instruction:
         return max_length  # not even vLLM could count: let it judge the pairs itself
     fit = limit - (used + SPECIAL_TOKENS)
     if fit < 1:
-        raise GatewayError(400, f"the query is too long: with the prompt it takes {limit - fit} of the "
-                                f"model's {limit} tokens, leaving none for a document", param="query")
+        raise GatewayError(
+            400,
+            f"the query is too long: with the prompt it takes {limit - fit} of the "
+            f"model's {limit} tokens, leaving none for a document",
+            param="query",
+        )
     if fit < max_length:
         adm.headers["X-Max-Length-Applied"] = str(fit)
         return fit
@@ -153,6 +157,7 @@ async def _estimate(
 
 async def estimate_score_tokens(rt: Runtime, pool: Pool, data: dict[str, Any]) -> int:
     """Tokens a /score passthrough will cost: each pair is one first text plus one second text."""
+
     def texts(*fields: str) -> list[str]:
         for f in fields:
             v = data.get(f)
@@ -202,7 +207,7 @@ async def score(
         raise
     scores: list[float] = []
     tokens = 0
-    for chunk, data in zip(chunks, parts):
+    for chunk, data in zip(chunks, parts, strict=True):
         try:
             part = sorted(data["data"], key=lambda d: d["index"])
             if len(part) != len(chunk):
@@ -214,8 +219,9 @@ async def score(
     return scores, tokens
 
 
-async def score_passthrough(rt: Runtime, adm: Admission, req: ScoreRequest, data: dict[str, Any],
-                            raw: bytes) -> Response:
+async def score_passthrough(
+    rt: Runtime, adm: Admission, req: ScoreRequest, data: dict[str, Any], raw: bytes
+) -> Response:
     """vLLM's /score as the client wrote it (under the backend's model name), answered as vLLM did."""
     pool = rt.catalog.resolve(req.model, "rerank", adm.key)
     adm.info.model = pool.model.name
@@ -244,13 +250,16 @@ async def _name_too_long(
         # backend's own message has to do.
         window = (limit + 1) * WINDOW_CHARS_PER_TOKEN
         suspects = [i for i, d in enumerate(docs) if _utf8_len(text_1) + _utf8_len(d) > limit]
-        if not limit or len(text_1) > NAME_MAX_CHARS or \
-                sum(min(len(docs[i]), window) for i in suspects) > NAME_MAX_CHARS:
+        if (
+            not limit
+            or len(text_1) > NAME_MAX_CHARS
+            or sum(min(len(docs[i]), window) for i in suspects) > NAME_MAX_CHARS
+        ):
             return error
         query = (await tok.count_many_async([text_1]))[0]
         found = await tok.count_many_async([docs[i][:window] for i in suspects])
         counts = [0] * len(docs)
-        for i, n in zip(suspects, found):
+        for i, n in zip(suspects, found, strict=True):
             counts[i] = query + n
     else:
         sem = asyncio.Semaphore(FALLBACK_PARALLEL)
@@ -296,7 +305,9 @@ def _value(answer: dict[str, Any], name: str, kind: type) -> Any:
 
 def _limit_from(message: str) -> int:
     """The model's context length from vLLM's "maximum context length is N tokens" message."""
-    m = re.search(r"maximum (?:context|model) length is (\d+)", message) or re.search(r"max_model_len[^\d]*(\d+)", message)
+    m = re.search(r"maximum (?:context|model) length is (\d+)", message) or re.search(
+        r"max_model_len[^\d]*(\d+)", message
+    )
     return int(m.group(1)) if m else 0
 
 
@@ -317,7 +328,7 @@ async def _truncate(
             return await tok.truncate_count_many_async(texts, max_length)
         cut, _ = await tok.truncate_count_many_async([texts[i] for i in long], max_length)
         out = list(texts)
-        for i, kept in zip(long, cut):
+        for i, kept in zip(long, cut, strict=True):
             out[i] = kept
         return out, None
     sem = asyncio.Semaphore(FALLBACK_PARALLEL)
@@ -331,6 +342,7 @@ async def _truncate(
             if len(ids) <= max_length:
                 return text
             back = {**pool.model_field(), "tokens": ids[:max_length]}
-            return _value(await rt.dispatch.json(pool, "/detokenize", orjson.dumps(back), adm), "prompt", str)
+            kept: str = _value(await rt.dispatch.json(pool, "/detokenize", orjson.dumps(back), adm), "prompt", str)
+            return kept
 
     return list(await asyncio.gather(*(one(t) for t in texts))), None

@@ -30,7 +30,13 @@ from .gateway import Gateway, Runtime
 from .observability import RequestInfo
 from .openapi import DOCS_ASSETS, docs_asset, docs_html, document
 from .requestbody import (
-    SCORE_PAIRS, check_batch, check_documents, check_inputs, check_score_pairs, read_json, validate,
+    SCORE_PAIRS,
+    check_batch,
+    check_documents,
+    check_inputs,
+    check_score_pairs,
+    read_json,
+    validate,
 )
 from .rerank import rerank, score_passthrough
 from .status import health, snapshot
@@ -106,13 +112,19 @@ def _page_admin(c: Call, required: bool) -> bool:
 async def list_models(c: Call) -> Response:
     adm = await c.admit("/v1/models")
     catalog = c.rt.catalog
-    data = []
+    data: list[dict[str, Any]] = []
     for m in c.rt.settings.models:
         if not catalog.may_use(adm.key, m):
             continue
         pool = c.rt.upstreams.pools[m.name]
-        card = {"object": "model", "created": _STARTED, "owned_by": "er-gateway", "kind": m.kind,
-                "root": pool.upstream_name or m.name, "max_model_len": pool.max_model_len}
+        card = {
+            "object": "model",
+            "created": _STARTED,
+            "owned_by": "er-gateway",
+            "kind": m.kind,
+            "root": pool.upstream_name or m.name,
+            "max_model_len": pool.max_model_len,
+        }
         data.extend({"id": name, **card} for name in catalog.names_of(m))
     return json_response({"object": "list", "data": data}, headers=adm.headers)
 
@@ -164,8 +176,9 @@ async def batch_rerank(c: Call) -> Response:
     data, _ = await read_json(c.request, rt.settings)
     items = data.get("requests") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
-        raise GatewayError(400, "body must be a non-empty JSON list of rerank requests (or {\"requests\": [...]})",
-                           param="requests")
+        raise GatewayError(
+            400, 'body must be a non-empty JSON list of rerank requests (or {"requests": [...]})', param="requests"
+        )
     check_batch(items, rt.settings)
     c.info.items = len(items)
     adm.headers.update(await limiter.hit_request(adm.key, cost=len(items)))
@@ -217,8 +230,9 @@ async def reload_model(c: Call) -> Response:
 
 
 async def health_route(c: Call) -> Response:
-    status, body = health(c.rt.catalog, admin=c.rt.admission.is_admin(c.api_key),
-                          model=c.request.query_params.get("model"))
+    status, body = health(
+        c.rt.catalog, admin=c.rt.admission.is_admin(c.api_key), model=c.request.query_params.get("model")
+    )
     return json_response(body, status=status)
 
 
@@ -235,8 +249,9 @@ async def status_page(c: Call) -> Response:
 
 async def status_json(c: Call) -> Response:
     admin = _page_admin(c, c.rt.settings.status_auth)
-    return json_response(snapshot(c.rt.catalog, c.gw.gate, c.gw.recent,
-                                  shared_limits=c.rt.admission.limiter.shared, admin=admin))
+    return json_response(
+        snapshot(c.rt.catalog, c.gw.gate, c.gw.recent, shared_limits=c.rt.admission.limiter.shared, admin=admin)
+    )
 
 
 _DOCUMENT: list[bytes] = []
@@ -261,45 +276,155 @@ def _asset_route(name: str) -> Route:
 
 _CLIENT = (400, 401, 403, 404, 408, 413, 429)
 _UPSTREAM = (502, 503, 504)
-_RERANK = dict(body=p.RerankRequest, answer=p.RerankResponse, errors=(*_CLIENT, *_UPSTREAM), tag="rerank")
+
+
+def _rerank(path: str, handler: Handler, summary: str, description: str = "") -> Route:
+    return Route(
+        "POST",
+        path,
+        handler,
+        summary,
+        "rerank",
+        body=p.RerankRequest,
+        answer=p.RerankResponse,
+        errors=(*_CLIENT, *_UPSTREAM),
+        description=description,
+    )
+
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/models", list_models, "List the models this key may use", "models",
-          answer=p.ModelList, errors=(401, 429),
-          description="Every name that reaches a model: the names its backends serve, then the configured "
-                      "name and aliases."),
-    Route("POST", "/v1/embeddings", embeddings, "Create embeddings (OpenAI)", "embeddings",
-          body=p.EmbeddingRequest, answer=p.EmbeddingResponse, errors=(*_CLIENT, *_UPSTREAM),
-          description="`input_type: query` (or `instruction`) wraps each input in the Qwen3 query "
-                      "instruction; documents go as they are. Big batches are split over the replicas."),
-    Route("POST", "/embeddings", embeddings, "Create embeddings (OpenAI)", "embeddings",
-          body=p.EmbeddingRequest, answer=p.EmbeddingResponse, errors=(*_CLIENT, *_UPSTREAM),
-          alias_of="/v1/embeddings"),
-    Route("POST", "/v1/rerank", rerank_v1, "Rerank documents (Jina/Cohere)", **_RERANK),  # type: ignore[arg-type]
-    Route("POST", "/v2/rerank", rerank_v2, "Rerank documents (Cohere v2)", **_RERANK),  # type: ignore[arg-type]
-    Route("POST", "/rerank", rerank_ranked, "Rerank documents, with scores and ranked_documents", **_RERANK,  # type: ignore[arg-type]
-          description="The Jina/Cohere answer plus `scores` (input order) and `ranked_documents`."),
-    Route("POST", "/batch_rerank", batch_rerank, "Several rerank requests in one", "rerank",
-          body=p.BatchRerankRequest, errors=_CLIENT,
-          description="Answers in request order: each item a rerank answer or its own error envelope. "
-                      "Charged its item count against the key's rate limit before any work."),
-    Route("POST", "/score", score, "vLLM's /score, passed through", "rerank",
-          body=p.ScoreRequest, answer=p.ScoreResponse, errors=(*_CLIENT, *_UPSTREAM)),
-    Route("POST", "/v1/score", score, "vLLM's /score, passed through", "rerank",
-          body=p.ScoreRequest, answer=p.ScoreResponse, errors=(*_CLIENT, *_UPSTREAM), alias_of="/score"),
-    Route("POST", "/reload_model", reload_model, "Reload the configuration, or restart a model's vLLM servers",
-          "operations", body=p.ReloadModelRequest, answer=p.ReloadAnswer, errors=(400, 401, 403, 404, 409, 502),
-          description="Admin key. No body: re-read the config and keys files. With a body: restart that kind's "
-                      "vLLM servers with those settings (`--manage-models`), else 409 with the command to run."),
-    Route("GET", "/health", health_route, "Readiness per model and replica", "operations",
-          answer=p.Health, errors=(404, 503), key=False,
-          description="200 while at least one model can serve, 503 when none can; `?model=` for one model."),
-    Route("GET", "/metrics", metrics, "Prometheus metrics", "operations", answer=None, key=False,
-          media=CONTENT_TYPE_LATEST, errors=(401,), description="Public unless --metrics-auth."),
-    Route("GET", "/status", status_page, "Status page (HTML)", "operations", answer=None, key=False,
-          media="text/html", errors=(401,), description="Needs a key unless --no-status-auth."),
-    Route("GET", "/status.json", status_json, "What the status page shows, as JSON", "operations",
-          answer=None, key=False, errors=(401,), description="Needs a key unless --no-status-auth."),
+    Route(
+        "GET",
+        "/v1/models",
+        list_models,
+        "List the models this key may use",
+        "models",
+        answer=p.ModelList,
+        errors=(401, 429),
+        description="Every name that reaches a model: the names its backends serve, then the configured "
+        "name and aliases.",
+    ),
+    Route(
+        "POST",
+        "/v1/embeddings",
+        embeddings,
+        "Create embeddings (OpenAI)",
+        "embeddings",
+        body=p.EmbeddingRequest,
+        answer=p.EmbeddingResponse,
+        errors=(*_CLIENT, *_UPSTREAM),
+        description="`input_type: query` (or `instruction`) wraps each input in the Qwen3 query "
+        "instruction; documents go as they are. Big batches are split over the replicas.",
+    ),
+    Route(
+        "POST",
+        "/embeddings",
+        embeddings,
+        "Create embeddings (OpenAI)",
+        "embeddings",
+        body=p.EmbeddingRequest,
+        answer=p.EmbeddingResponse,
+        errors=(*_CLIENT, *_UPSTREAM),
+        alias_of="/v1/embeddings",
+    ),
+    _rerank("/v1/rerank", rerank_v1, "Rerank documents (Jina/Cohere)"),
+    _rerank("/v2/rerank", rerank_v2, "Rerank documents (Cohere v2)"),
+    _rerank(
+        "/rerank",
+        rerank_ranked,
+        "Rerank documents, with scores and ranked_documents",
+        "The Jina/Cohere answer plus `scores` (input order) and `ranked_documents`.",
+    ),
+    Route(
+        "POST",
+        "/batch_rerank",
+        batch_rerank,
+        "Several rerank requests in one",
+        "rerank",
+        body=p.BatchRerankRequest,
+        errors=_CLIENT,
+        description="Answers in request order: each item a rerank answer or its own error envelope. "
+        "Charged its item count against the key's rate limit before any work.",
+    ),
+    Route(
+        "POST",
+        "/score",
+        score,
+        "vLLM's /score, passed through",
+        "rerank",
+        body=p.ScoreRequest,
+        answer=p.ScoreResponse,
+        errors=(*_CLIENT, *_UPSTREAM),
+    ),
+    Route(
+        "POST",
+        "/v1/score",
+        score,
+        "vLLM's /score, passed through",
+        "rerank",
+        body=p.ScoreRequest,
+        answer=p.ScoreResponse,
+        errors=(*_CLIENT, *_UPSTREAM),
+        alias_of="/score",
+    ),
+    Route(
+        "POST",
+        "/reload_model",
+        reload_model,
+        "Reload the configuration, or restart a model's vLLM servers",
+        "operations",
+        body=p.ReloadModelRequest,
+        answer=p.ReloadAnswer,
+        errors=(400, 401, 403, 404, 409, 502),
+        description="Admin key. No body: re-read the config and keys files. With a body: restart that kind's "
+        "vLLM servers with those settings (`--manage-models`), else 409 with the command to run.",
+    ),
+    Route(
+        "GET",
+        "/health",
+        health_route,
+        "Readiness per model and replica",
+        "operations",
+        answer=p.Health,
+        errors=(404, 503),
+        key=False,
+        description="200 while at least one model can serve, 503 when none can; `?model=` for one model.",
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        metrics,
+        "Prometheus metrics",
+        "operations",
+        answer=None,
+        key=False,
+        media=CONTENT_TYPE_LATEST,
+        errors=(401,),
+        description="Public unless --metrics-auth.",
+    ),
+    Route(
+        "GET",
+        "/status",
+        status_page,
+        "Status page (HTML)",
+        "operations",
+        answer=None,
+        key=False,
+        media="text/html",
+        errors=(401,),
+        description="Needs a key unless --no-status-auth.",
+    ),
+    Route(
+        "GET",
+        "/status.json",
+        status_json,
+        "What the status page shows, as JSON",
+        "operations",
+        answer=None,
+        key=False,
+        errors=(401,),
+        description="Needs a key unless --no-status-auth.",
+    ),
     Route("GET", "/openapi.json", openapi_json, "This document", "docs", key=False, documented=False),
     Route("GET", "/docs", docs, "API documentation (Swagger UI)", "docs", key=False, documented=False),
     *(_asset_route(name) for name in DOCS_ASSETS),

@@ -138,11 +138,24 @@ class Settings(BaseModel):
         # Without a `models:` list the flags describe one embedding and one reranker model.
         if not self.models:
             if self.embedding_urls:
-                self.models.append(ModelConfig(name=self.embedding_model, kind="embedding",
-                                               urls=self.embedding_urls, tokenizer=self.embedding_tokenizer))
+                self.models.append(
+                    ModelConfig(
+                        name=self.embedding_model,
+                        kind="embedding",
+                        urls=self.embedding_urls,
+                        tokenizer=self.embedding_tokenizer,
+                    )
+                )
             if self.reranker_urls:
-                self.models.append(ModelConfig(name=self.reranker_model, kind="rerank", urls=self.reranker_urls,
-                                               prompt=self.reranker_prompt, tokenizer=self.reranker_tokenizer))
+                self.models.append(
+                    ModelConfig(
+                        name=self.reranker_model,
+                        kind="rerank",
+                        urls=self.reranker_urls,
+                        prompt=self.reranker_prompt,
+                        tokenizer=self.reranker_tokenizer,
+                    )
+                )
             if not self.models:
                 raise ValueError("no model to serve: --embedding-url and --reranker-url are both `none`")
         names: set[str] = set()
@@ -214,48 +227,77 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", "address to listen on", "ADDR"),
     Option("port", "port to listen on", "PORT"),
     Option("config", "YAML or TOML config file (same keys as the flags, plus a `models:` list)", "FILE"),
-    Option("embedding_urls", "embedding vLLM replica URL(s), comma-separated; `none` for a host without an "
-           "embedding model", "URL[,URL...]", "--embedding-url"),
+    Option(
+        "embedding_urls",
+        "embedding vLLM replica URL(s), comma-separated; `none` for a host without an embedding model",
+        "URL[,URL...]",
+        "--embedding-url",
+    ),
     Option("embedding_model", "name of the default embedding model (vLLM --served-model-name)", "NAME"),
-    Option("reranker_urls", "reranker vLLM replica URL(s), comma-separated; `none` for a host without a "
-           "reranker", "URL[,URL...]", "--reranker-url"),
+    Option(
+        "reranker_urls",
+        "reranker vLLM replica URL(s), comma-separated; `none` for a host without a reranker",
+        "URL[,URL...]",
+        "--reranker-url",
+    ),
     Option("reranker_model", "name of the default reranker model", "NAME"),
     Option("reranker_prompt", "who applies the Qwen3-Reranker prompt: gateway | server | none", "MODE"),
-    Option("embedding_tokenizer", "the embedding model's tokenizer.json or its directory (default: found in "
-           "the Hugging Face cache, else vLLM's /tokenize)", "PATH"),
-    Option("reranker_tokenizer", "the reranker model's tokenizer.json or its directory (exact token counts, "
-           "max_length cut in the gateway; default: the Hugging Face cache, else vLLM's /tokenize)", "PATH"),
+    Option(
+        "embedding_tokenizer",
+        "the embedding model's tokenizer.json or its directory (default: found in "
+        "the Hugging Face cache, else vLLM's /tokenize)",
+        "PATH",
+    ),
+    Option(
+        "reranker_tokenizer",
+        "the reranker model's tokenizer.json or its directory (exact token counts, "
+        "max_length cut in the gateway; default: the Hugging Face cache, else vLLM's /tokenize)",
+        "PATH",
+    ),
     Option("default_instruction", "instruction used when a request gives none", "TEXT"),
-    Option("backend_api_key", "key sent upstream as Bearer (vLLM's VLLM_API_KEY); clients' keys never are. "
-           f"Unset: read from LOG_DIR/{BACKEND_KEY_FILE} (start_vllm_models.sh writes it) when every "
-           "backend URL is loopback", "KEY"),
+    Option(
+        "backend_api_key",
+        "key sent upstream as Bearer (vLLM's VLLM_API_KEY); clients' keys never are. "
+        f"Unset: read from LOG_DIR/{BACKEND_KEY_FILE} (start_vllm_models.sh writes it) when every "
+        "backend URL is loopback",
+        "KEY",
+    ),
     Option("keys_file", "API keys file (hashed keys)", "PATH"),
     Option("rate_limit", "default per-key request limit, e.g. 100/minute", "SPEC"),
     Option("token_limit", "default per-key token budget, e.g. 100000/minute (off when unset)", "SPEC"),
     Option("redis_url", "Redis URL for limits shared by all workers and hosts (redis://host:port/db)", "URL"),
     Option("redis_failure_mode", "when Redis fails: open (serve, warn, count) | closed (503)", "MODE"),
     Option("redis_timeout", "seconds one Redis call may take before it counts as a failure", "S"),
-    Option("redis_breaker_interval", "after a Redis failure, seconds Redis is skipped (failure mode applies) "
-           "before one request tries it again", "S"),
+    Option(
+        "redis_breaker_interval",
+        "after a Redis failure, seconds Redis is skipped (failure mode applies) before one request tries it again",
+        "S",
+    ),
     Option("max_concurrency", "max requests upstream at once (per gateway process group)", "N"),
-    Option("max_concurrency_per_key", "max upstream requests of one key at once; other keys' requests are "
-           "queued fairly (default: half of --max-concurrency)", "N"),
+    Option(
+        "max_concurrency_per_key",
+        "max upstream requests of one key at once; other keys' requests are "
+        "queued fairly (default: half of --max-concurrency)",
+        "N",
+    ),
     Option("queue_timeout", "seconds a request may wait for a concurrency slot before 503", "S"),
     Option("timeout", "total upstream timeout in seconds (504 after)", "S"),
     Option("connect_timeout", "upstream connect timeout in seconds", "S"),
     Option("max_body_bytes", "largest request body accepted (413 above)", "N"),
-    Option("max_json_values", "most JSON values (array items, object members) in a request body, counted "
-           "as it arrives; bounds what parsing a body costs (413 above)", "N"),
+    Option(
+        "max_json_values",
+        "most JSON values (array items, object members) in a request body, counted "
+        "as it arrives; bounds what parsing a body costs (413 above)",
+        "N",
+    ),
     Option("max_inputs", "most inputs in one embeddings request (400 above)", "N"),
     Option("max_documents", "most documents in one rerank request (400 above)", "N"),
     Option("max_batch_items", "most requests in one /batch_rerank (400 above)", "N"),
-    Option("header_timeout", "seconds a client may take to send a request's headers (connection closed after)",
-           "S"),
+    Option("header_timeout", "seconds a client may take to send a request's headers (connection closed after)", "S"),
     Option("body_timeout", "seconds a client may take to send a request's body (408 after)", "S"),
     Option("max_header_bytes", "largest request head (request line + headers) accepted (431 above)", "N"),
     Option("keepalive_timeout", "seconds an idle keep-alive connection is kept open", "S"),
-    Option("max_connections", "most client connections open at once; more are closed at once, with a log line",
-           "N"),
+    Option("max_connections", "most client connections open at once; more are closed at once, with a log line", "N"),
     Option("max_upstream_bytes", "largest answer body accepted from vLLM (502 above)", "N"),
     Option("max_retries", "retries on another replica after a connect error or a 503", "N"),
     Option("health_interval", "seconds between active health checks of each replica", "S"),
@@ -274,9 +316,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("status_auth", "require an API key for GET /status (?api_key= works in a browser)", kind="bool"),
     Option("ssl_certfile", "TLS certificate (serve HTTPS)", "FILE"),
     Option("ssl_keyfile", "TLS private key", "FILE"),
-    Option("manage_models", "the gateway manages the local vLLM servers: POST /reload_model with new settings "
-           "restarts them through start_vllm_models.sh (scripts/run.sh turns this on for local backends)",
-           kind="bool"),
+    Option(
+        "manage_models",
+        "the gateway manages the local vLLM servers: POST /reload_model with new settings "
+        "restarts them through start_vllm_models.sh (scripts/run.sh turns this on for local backends)",
+        kind="bool",
+    ),
 )
 
 
@@ -288,13 +333,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         text = f"{opt.help} [env {opt.env}; default: {shown}]"
         if opt.kind == "bool":
             parser.add_argument(
-                opt.cli, dest=opt.field, action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS, help=text,
+                opt.cli,
+                dest=opt.field,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=text,
             )
         else:
-            parser.add_argument(
-                opt.cli, dest=opt.field, metavar=opt.metavar, default=argparse.SUPPRESS, help=text
-            )
+            parser.add_argument(opt.cli, dest=opt.field, metavar=opt.metavar, default=argparse.SUPPRESS, help=text)
 
 
 class SettingsError(Exception):
@@ -352,8 +398,7 @@ def local_backend_key(settings: Settings) -> str | None:
             "the user that ran start_vllm_models.sh, or pass --backend-api-key"
         ) from None
     if not key:
-        raise SettingsError(f"the vLLM key file {path} is empty; delete it and restart vLLM, "
-                            "or pass --backend-api-key")
+        raise SettingsError(f"the vLLM key file {path} is empty; delete it and restart vLLM, or pass --backend-api-key")
     return key
 
 

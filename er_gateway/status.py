@@ -38,8 +38,9 @@ def health(catalog: Catalog, *, admin: bool = False, model: str | None = None) -
     return (200 if serving else 503), {"status": status, "model_loaded": serving, "models": models}
 
 
-def snapshot(catalog: Catalog, gate: FairGate, recent: Recent, *, shared_limits: bool,
-             admin: bool = False) -> dict[str, Any]:
+def snapshot(
+    catalog: Catalog, gate: FairGate, recent: Recent, *, shared_limits: bool, admin: bool = False
+) -> dict[str, Any]:
     """Everything the /status page shows: health plus the last minute of traffic."""
     _, body = health(catalog, admin=admin)
     traffic = recent.summary()

@@ -13,9 +13,9 @@ each, as vLLM counts them.
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer
@@ -56,8 +56,11 @@ class ModelTokenizer:
         given = Path(path).expanduser()
         p = given / TOKENIZER_FILE if given.is_dir() else given
         if not p.is_file():
-            where = f"directory {str(given)!r} has no {TOKENIZER_FILE}" if given.is_dir() else (
-                f"tokenizer file {str(given)!r} does not exist")
+            where = (
+                f"directory {str(given)!r} has no {TOKENIZER_FILE}"
+                if given.is_dir()
+                else (f"tokenizer file {str(given)!r} does not exist")
+            )
             raise TokenizerError(where)
         try:
             tok = Tokenizer.from_file(str(p))
@@ -149,8 +152,7 @@ class ModelTokenizer:
     async def truncate_count_many_async(self, texts: list[str], max_tokens: int) -> tuple[list[str], list[int]]:
         if not _big(texts):
             return self.truncate_count_many(texts, max_tokens)
-        return await asyncio.get_running_loop().run_in_executor(
-            _THREAD, self.truncate_count_many, texts, max_tokens)
+        return await asyncio.get_running_loop().run_in_executor(_THREAD, self.truncate_count_many, texts, max_tokens)
 
 
 def _big(texts: list[str]) -> bool:
@@ -201,12 +203,13 @@ def find_tokenizer(model: ModelConfig) -> Path | None:
         f = given / TOKENIZER_FILE if given.is_dir() else given
         if f.is_file():
             return f
-        what = f"directory {str(given)!r} has no {TOKENIZER_FILE}" if given.is_dir() else (
-            f"{str(given)!r} does not exist")
-        flag = "--reranker-tokenizer" if model.kind == "rerank" else "--embedding-tokenizer"
-        raise TokenizerError(
-            f"model {model.name!r}: tokenizer setting ({flag}, or `tokenizer:` under models) {what}"
+        what = (
+            f"directory {str(given)!r} has no {TOKENIZER_FILE}"
+            if given.is_dir()
+            else (f"{str(given)!r} does not exist")
         )
+        flag = "--reranker-tokenizer" if model.kind == "rerank" else "--embedding-tokenizer"
+        raise TokenizerError(f"model {model.name!r}: tokenizer setting ({flag}, or `tokenizer:` under models) {what}")
     names = list(dict.fromkeys(n for n in (model.served_name, model.name) if n))
     for name in names:
         # vLLM started on a local directory serves it under that path unless renamed.

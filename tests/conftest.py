@@ -68,8 +68,7 @@ def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Pat
     log.parent.mkdir(parents=True, exist_ok=True)
     f = open(log, "wb")
     full_env = {**os.environ, **(env or {})}
-    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, cwd=cwd or ROOT,
-                         start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, cwd=cwd or ROOT, start_new_session=True)
     return Proc(p, log)
 
 
@@ -86,12 +85,22 @@ class Backend(Proc):
         httpx.post(self.url + "/_admin", json=kw).raise_for_status()
 
 
-def start_backend(tmp: Path, kind: str = "embedding", name: str | None = None, port: int | None = None,
-                  extra: list[str] | None = None) -> Backend:
+def start_backend(
+    tmp: Path, kind: str = "embedding", name: str | None = None, port: int | None = None, extra: list[str] | None = None
+) -> Backend:
     port = port or free_port()
     name = name or (EMB if kind == "embedding" else RER)
-    cmd = [PY, str(ROOT / "tests" / "fake_vllm.py"), "--port", str(port), "--kind", kind, "--name", name,
-           *(extra or [])]
+    cmd = [
+        PY,
+        str(ROOT / "tests" / "fake_vllm.py"),
+        "--port",
+        str(port),
+        "--kind",
+        kind,
+        "--name",
+        name,
+        *(extra or []),
+    ]
     p = spawn(cmd, tmp / f"backend-{port}.log")
     b = Backend(p.proc, p.log, f"http://127.0.0.1:{port}", name, kind)
     wait_until(lambda: httpx.get(b.url + "/health").status_code == 200, 20, "stand-in vLLM", b.proc)
@@ -126,23 +135,56 @@ class GatewayProc(Proc):
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PY, str(ROOT / "embedding_reranker_proxy.py"), *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, cwd=ROOT, timeout=60)
+    return subprocess.run(
+        [PY, str(ROOT / "embedding_reranker_proxy.py"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
-def start_gateway(tmp: Path, *args: str, env: dict[str, str] | None = None, keys_file: Path | None = None,
-                  port: int | None = None, admin_key: bool = True, wait: bool = True) -> GatewayProc:
+def start_gateway(
+    tmp: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    keys_file: Path | None = None,
+    port: int | None = None,
+    admin_key: bool = True,
+    wait: bool = True,
+) -> GatewayProc:
     tmp.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     keys_file = keys_file or tmp / "er_api_keys.json"
     key = ""
     if admin_key and not keys_file.exists():
-        r = run_cli("--keys-file", str(keys_file), "keys", "create", "--name", "admin", "--admin",
-                    "--rate-limit", "1000000/minute")
+        r = run_cli(
+            "--keys-file",
+            str(keys_file),
+            "keys",
+            "create",
+            "--name",
+            "admin",
+            "--admin",
+            "--rate-limit",
+            "1000000/minute",
+        )
         assert r.returncode == 0, r.stderr
         key = r.stdout.strip()
-    cmd = [PY, str(ROOT / "embedding_reranker_proxy.py"), "--host", "127.0.0.1", "--port", str(port),
-           "--keys-file", str(keys_file), "--log-dir", str(tmp / "logs"), *args]
+    cmd = [
+        PY,
+        str(ROOT / "embedding_reranker_proxy.py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--keys-file",
+        str(keys_file),
+        "--log-dir",
+        str(tmp / "logs"),
+        *args,
+    ]
     p = spawn(cmd, tmp / f"gateway-{port}.out", env=env)
     g = GatewayProc(p.proc, p.log, f"http://127.0.0.1:{port}", key, tmp, keys_file)
     if wait:
@@ -190,8 +232,10 @@ def start_redis(tmp: Path) -> Redis:
     if binary is None:
         raise RuntimeError("redis-server is not installed; scripts/test.sh installs it")
     port = free_port()
-    p = spawn([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(tmp)], tmp / f"redis-{port}.log")
+    p = spawn(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+        tmp / f"redis-{port}.log",
+    )
     r = Redis(p.proc, p.log, f"redis://127.0.0.1:{port}/0", port)
 
     def up() -> bool:

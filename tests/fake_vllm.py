@@ -43,7 +43,7 @@ def embed_vector(item: str | list[int], dim: int) -> list[float]:
     while len(raw) < dim * 4:
         raw += hashlib.sha256(seed + counter.to_bytes(4, "little")).digest()
         counter += 1
-    vals = [((b / 255.0) * 2 - 1) for b in raw[: dim]]
+    vals = [((b / 255.0) * 2 - 1) for b in raw[:dim]]
     norm = math.sqrt(sum(v * v for v in vals)) or 1.0
     # float32 round trip so base64 and float answers agree exactly, as in vLLM
     return [struct.unpack("<f", struct.pack("<f", v / norm))[0] for v in vals]
@@ -218,8 +218,12 @@ class Fake:
             "created": int(time.time()),
             "model": self.name,
             "data": out,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
-                      "prompt_tokens_details": None},
+            "usage": {
+                "prompt_tokens": tokens,
+                "total_tokens": tokens,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            },
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
@@ -254,8 +258,12 @@ class Fake:
             "created": int(time.time()),
             "model": self.name,
             "data": rows,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
-                      "prompt_tokens_details": None},
+            "usage": {
+                "prompt_tokens": tokens,
+                "total_tokens": tokens,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            },
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
@@ -268,8 +276,9 @@ class Fake:
         top_n = int(data.get("top_n") or len(docs))
         results = [{"index": i, "document": {"text": docs[i]}, "relevance_score": sc} for i, sc in scored[:top_n]]
         tokens = sum(count_tokens(query) + count_tokens(d) for d in docs)
-        return web.json_response({"id": f"rerank-{self.requests}", "model": self.name,
-                                  "usage": {"total_tokens": tokens}, "results": results})
+        return web.json_response(
+            {"id": f"rerank-{self.requests}", "model": self.name, "usage": {"total_tokens": tokens}, "results": results}
+        )
 
     async def tokenize(self, data: dict[str, Any]) -> web.Response:
         words = str(data.get("prompt", "")).split()
@@ -308,8 +317,7 @@ def auth_middleware(key: str) -> Any:
 
 
 def make_app(fake: Fake, api_key: str | None = None) -> web.Application:
-    app = web.Application(client_max_size=256 * 1024 * 1024,
-                          middlewares=[auth_middleware(api_key)] if api_key else [])
+    app = web.Application(client_max_size=256 * 1024 * 1024, middlewares=[auth_middleware(api_key)] if api_key else [])
 
     def wrap(handler: Any) -> Any:
         async def route(request: web.Request) -> web.StreamResponse:
@@ -323,14 +331,35 @@ def make_app(fake: Fake, api_key: str | None = None) -> web.Application:
         return web.Response(status=200)
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": fake.name, "object": "model", "created": 0, "owned_by": "vllm", "root": fake.name,
-             "parent": None, "max_model_len": fake.max_len, "permission": []}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": fake.name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "vllm",
+                        "root": fake.name,
+                        "parent": None,
+                        "max_model_len": fake.max_len,
+                        "permission": [],
+                    }
+                ],
+            }
+        )
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({"max_concurrent": fake.max_seen, "current": fake.current,
-                                  "requests": fake.requests, "by_path": fake.by_path,
-                                  "last_headers": fake.last_headers, "last_body": fake.last_body})
+        return web.json_response(
+            {
+                "max_concurrent": fake.max_seen,
+                "current": fake.current,
+                "requests": fake.requests,
+                "by_path": fake.by_path,
+                "last_headers": fake.last_headers,
+                "last_body": fake.last_body,
+            }
+        )
 
     async def admin(request: web.Request) -> web.Response:
         data = await request.json()
@@ -376,8 +405,9 @@ def main() -> None:
     p.add_argument("--api-key", help="like vLLM: require this bearer key on /v1 (default: $VLLM_API_KEY)")
     args = p.parse_args()
     api_key = args.api_key or os.environ.get("VLLM_API_KEY") or None
-    web.run_app(make_app(Fake(args), api_key), host=args.host, port=args.port, print=None,
-                access_log=None, backlog=4096)
+    web.run_app(
+        make_app(Fake(args), api_key), host=args.host, port=args.port, print=None, access_log=None, backlog=4096
+    )
 
 
 if __name__ == "__main__":

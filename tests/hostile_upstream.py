@@ -21,17 +21,23 @@ Behaviour = Callable[[asyncio.StreamWriter, bytes, int, bytes], Awaitable[bool]]
 
 
 def answer_body(text: str) -> bytes:
-    return json.dumps({
-        "object": "list",
-        "data": [{"object": "embedding", "index": 0, "embedding": text}],
-        "model": "m",
-        "usage": {"prompt_tokens": 1, "total_tokens": 1},
-    }).encode()
+    return json.dumps(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": text}],
+            "model": "m",
+            "usage": {"prompt_tokens": 1, "total_tokens": 1},
+        }
+    ).encode()
 
 
 def http_answer(body: bytes, status: int = 200, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
-        status, len(body), extra, body)
+        status,
+        len(body),
+        extra,
+        body,
+    )
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -83,9 +89,11 @@ class HostileUpstream:
 
     def drop_connections(self) -> None:
         """Close every open connection (between cases, so each starts from a clean pool)."""
+
         def close_all() -> None:
             for w in list(self._writers):
                 w.close()
+
         self._loop.call_soon_threadsafe(close_all)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

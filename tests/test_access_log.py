@@ -16,16 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from conftest import EMB, GatewayProc, backend_args, start_backend, start_gateway, wait_until
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import EMB, GatewayProc, backend_args, start_backend, start_gateway, wait_until
 from er_gateway.observability import Logs, RequestInfo, log_field
 
-FIELDS = ["time", "request_id", "key", "method", "path", "model", "status", "total_ms", "upstream_ms",
-          "queue_ms", "replica", "retries", "items", "tokens", "client"]
+FIELDS = [
+    "time",
+    "request_id",
+    "key",
+    "method",
+    "path",
+    "model",
+    "status",
+    "total_ms",
+    "upstream_ms",
+    "queue_ms",
+    "replica",
+    "retries",
+    "items",
+    "tokens",
+    "client",
+]
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\Z")
-BARE = re.compile(r'[!#-<>-\[\]-~]+')  # printable ASCII but space " \ =
+BARE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space " \ =
 NAME = re.compile(r"[a-z_]+=")
 SIMPLE_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\"}
 HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
@@ -48,7 +63,7 @@ def parse_quoted(s: str, i: int) -> tuple[str, int]:
                 i += 2
             else:
                 n = HEX_ESCAPES[e]  # KeyError: an escape the format does not have
-                digits = s[i + 2:i + 2 + n]
+                digits = s[i + 2 : i + 2 + n]
                 assert re.fullmatch(r"[0-9a-f]+", digits) and len(digits) == n, digits
                 out.append(chr(int(digits, 16)))
                 i += 2 + n
@@ -109,8 +124,15 @@ def test_escaped_value_has_no_line_break_and_unescapes_to_the_original(s: str) -
 
 
 def test_plain_values_stay_bare_and_others_are_quoted() -> None:
-    for plain in ("3f9a1c2b4d5e000000012a", "POST", "/v1/embeddings", "Qwen3-Embedding-0.6B",
-                  "http://127.0.0.1:8001", "[::1]:5000", "trace-me-1"):
+    for plain in (
+        "3f9a1c2b4d5e000000012a",
+        "POST",
+        "/v1/embeddings",
+        "Qwen3-Embedding-0.6B",
+        "http://127.0.0.1:8001",
+        "[::1]:5000",
+        "trace-me-1",
+    ):
         assert log_field(plain) == plain
     assert log_field(None) == "-" and log_field("-") == '"-"' and log_field("") == '""'
     assert log_field(7) == "7" and log_field(1.005) == "1.00"
@@ -135,24 +157,58 @@ maybe = st.none() | no_surrogates
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rid=no_surrogates, key=maybe, method=no_surrogates, path=no_surrogates, model=maybe, replica=maybe,
-       client=maybe, items=st.none() | st.integers(0, 10**6), extra=st.dictionaries(st.sampled_from(["a", "b"]),
-                                                                                    maybe, max_size=2))
+@given(
+    rid=no_surrogates,
+    key=maybe,
+    method=no_surrogates,
+    path=no_surrogates,
+    model=maybe,
+    replica=maybe,
+    client=maybe,
+    items=st.none() | st.integers(0, 10**6),
+    extra=st.dictionaries(st.sampled_from(["a", "b"]), maybe, max_size=2),
+)
 @example(rid="-", key="", method="GET", path="/", model="-", replica=None, client="", items=None, extra={})
-@example(rid="x", key="admin", method="GET", path="/v1/models\ntime=forged", model=None, replica=None,
-         client='1.2.3.4:0 status=200', items=3, extra={"a": "b c"})
-def test_whole_lines_give_every_value_back(rid: str, key: str | None, method: str, path: str, model: str | None,
-                                          replica: str | None, client: str | None, items: int | None,
-                                          extra: dict[str, Any]) -> None:
+@example(
+    rid="x",
+    key="admin",
+    method="GET",
+    path="/v1/models\ntime=forged",
+    model=None,
+    replica=None,
+    client="1.2.3.4:0 status=200",
+    items=3,
+    extra={"a": "b c"},
+)
+def test_whole_lines_give_every_value_back(
+    rid: str,
+    key: str | None,
+    method: str,
+    path: str,
+    model: str | None,
+    replica: str | None,
+    client: str | None,
+    items: int | None,
+    extra: dict[str, Any],
+) -> None:
     """Through Logs.access itself, so the one-test-per-line fast path is covered too."""
-    info = RequestInfo(rid, 0.0, key_name=key, model=model, replica=replica, items=items, tokens=5,
-                       extra=dict(extra))
-    sent = {"request_id": rid, "key": key, "method": method, "path": path, "model": model, "replica": replica,
-            "client": client, "items": None if items is None else str(items), "tokens": "5", **extra}
+    info = RequestInfo(rid, 0.0, key_name=key, model=model, replica=replica, items=items, tokens=5, extra=dict(extra))
+    sent = {
+        "request_id": rid,
+        "key": key,
+        "method": method,
+        "path": path,
+        "model": model,
+        "replica": replica,
+        "client": client,
+        "items": None if items is None else str(items),
+        "tokens": "5",
+        **extra,
+    }
     logs, lines = stub_logs(False)
     logs.access("2026-01-02T03:04:05", info, method, path, 200, 1.5, client)
     fields = parse_line(lines[0])
-    assert list(fields)[:len(FIELDS)] == FIELDS
+    assert list(fields)[: len(FIELDS)] == FIELDS
     assert {k: fields[k] for k in sent} == sent
     assert fields["status"] == "200" and fields["time"] == "2026-01-02T03:04:05"
 
@@ -166,7 +222,7 @@ def test_whole_lines_give_every_value_back(rid: str, key: str | None, method: st
 # ---- through a real gateway ---------------------------------------------------------------
 FORGED_ID = 'a" status=200 x="'
 FORGED_PATH = "/v1/models\ntime=forged"
-ODD_PATH = "/v1/\u2028x\x85y\"z"
+ODD_PATH = '/v1/\u2028x\x85y"z'
 
 
 def raw_request(gw: GatewayProc, head: str, body: bytes = b"", close_after: float | None = None) -> bytes:
@@ -190,11 +246,19 @@ def access_lines(gw: GatewayProc) -> list[str]:
 
 def send_forgeries(gw: GatewayProc) -> None:
     auth = f"Authorization: Bearer {gw.key}\r\n"
-    answer = raw_request(gw, "GET /v1/models%0Atime=forged HTTP/1.1\r\nHost: t\r\n" + auth
-                         + f"X-Request-ID: {FORGED_ID}\r\nConnection: close\r\n\r\n")
+    answer = raw_request(
+        gw,
+        "GET /v1/models%0Atime=forged HTTP/1.1\r\nHost: t\r\n"
+        + auth
+        + f"X-Request-ID: {FORGED_ID}\r\nConnection: close\r\n\r\n",
+    )
     assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
-    answer = raw_request(gw, "GET /v1/%E2%80%A8x%C2%85y%22z HTTP/1.1\r\nHost: t\r\n" + auth
-                         + "X-Request-ID: odd-path\r\nConnection: close\r\n\r\n")
+    answer = raw_request(
+        gw,
+        "GET /v1/%E2%80%A8x%C2%85y%22z HTTP/1.1\r\nHost: t\r\n"
+        + auth
+        + "X-Request-ID: odd-path\r\nConnection: close\r\n\r\n",
+    )
     assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
     assert gw.get("/v1/models").status_code == 200  # and one ordinary request
 
@@ -203,8 +267,14 @@ def test_text_access_log_cannot_be_forged(tmp_path: Path) -> None:
     gw = start_gateway(tmp_path)
     try:
         send_forgeries(gw)
-        wait_until(lambda: any("odd-path" in l for l in access_lines(gw))
-                   and any("path=/v1/models " in l for l in access_lines(gw)), 5, "access log lines")
+        wait_until(
+            lambda: (
+                any("odd-path" in l for l in access_lines(gw))
+                and any("path=/v1/models " in l for l in access_lines(gw))
+            ),
+            5,
+            "access log lines",
+        )
     finally:
         gw.stop()
     lines = access_lines(gw)
@@ -224,8 +294,14 @@ def test_json_access_log_cannot_be_forged(tmp_path: Path) -> None:
     gw = start_gateway(tmp_path, "--log-format", "json")
     try:
         send_forgeries(gw)
-        wait_until(lambda: any("odd-path" in l for l in access_lines(gw))
-                   and any('"path":"/v1/models"' in l for l in access_lines(gw)), 5, "access log lines")
+        wait_until(
+            lambda: (
+                any("odd-path" in l for l in access_lines(gw))
+                and any('"path":"/v1/models"' in l for l in access_lines(gw))
+            ),
+            5,
+            "access log lines",
+        )
     finally:
         gw.stop()
     lines = access_lines(gw)
@@ -252,17 +328,21 @@ def sample(text: str, name: str, **labels: str) -> float:
 def test_client_gone_is_a_499_not_a_500(tmp_path: Path) -> None:
     emb = start_backend(tmp_path, "embedding")
     gw = start_gateway(tmp_path, *backend_args(emb, None))
-    head = ("POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {gw.key}\r\n")
+    head = (
+        "POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {gw.key}\r\n"
+    )
     try:
         # 1. mid-body: 10 of 1,000,000 announced bytes, then the connection closes
-        raw_request(gw, head + "Content-Length: 1000000\r\nX-Request-ID: gone-mid-body\r\n\r\n",
-                    b'{"input": ', close_after=0.2)
+        raw_request(
+            gw, head + "Content-Length: 1000000\r\nX-Request-ID: gone-mid-body\r\n\r\n", b'{"input": ', close_after=0.2
+        )
         # 2. while vLLM works: a whole request, then the client leaves before the answer
         emb.admin(delay=1.0)
         body = b'{"input": "x"}'
-        raw_request(gw, head + f"Content-Length: {len(body)}\r\nX-Request-ID: gone-waiting\r\n\r\n", body,
-                    close_after=0.3)
+        raw_request(
+            gw, head + f"Content-Length: {len(body)}\r\nX-Request-ID: gone-waiting\r\n\r\n", body, close_after=0.3
+        )
 
         def logged() -> list[dict[str, str | None]]:
             return [r for r in map(parse_line, access_lines(gw)) if str(r["request_id"]).startswith("gone-")]

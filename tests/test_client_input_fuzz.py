@@ -5,19 +5,33 @@ from __future__ import annotations
 import json
 
 import httpx
+from conftest import Stack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import Stack
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
-FIELDS = ["model", "input", "encoding_format", "dimensions", "user", "instruction", "input_type", "query",
-          "documents", "top_n", "return_documents", "max_length", "truncate_prompt_tokens", "text_1", "text_2",
-          "requests"]
+FIELDS = [
+    "model",
+    "input",
+    "encoding_format",
+    "dimensions",
+    "user",
+    "instruction",
+    "input_type",
+    "query",
+    "documents",
+    "top_n",
+    "return_documents",
+    "max_length",
+    "truncate_prompt_tokens",
+    "text_1",
+    "text_2",
+    "requests",
+]
 bodies = st.one_of(
     st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6),
     json_values,

@@ -10,7 +10,6 @@ from pathlib import Path
 import cohere
 import openai
 import pytest
-
 from conftest import EMB, RER, ROOT, GatewayProc, Stack
 from fake_vllm import embed_vector
 
@@ -75,8 +74,14 @@ def run_readme_curl(cmd: str, gw: GatewayProc, cwd: Path) -> tuple[str, str]:
     assert shutil.which("curl")
     env = {"ER_KEY": gw.key, "PATH": "/usr/bin:/bin"}
     bound = cmd.replace("http://localhost:2048", gw.url)
-    r = subprocess.run(["bash", "-c", bound + " -sS -o out.json -w '%{http_code}'"], capture_output=True,
-                       text=True, env=env, cwd=cwd, timeout=120)
+    r = subprocess.run(
+        ["bash", "-c", bound + " -sS -o out.json -w '%{http_code}'"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()[-3:], (cwd / "out.json").read_text()
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import RER, Backend, GatewayProc, start_backend, start_gateway, wait_until
 
 
@@ -36,15 +35,16 @@ def split(tmp_path_factory: pytest.TempPathFactory) -> tuple[GatewayProc, list[B
     embs = [start_backend(tmp, "embedding") for _ in range(2)]
     rers = [start_backend(tmp, "rerank") for _ in range(2)]
     urls = ["--embedding-url", ",".join(b.url for b in embs), "--reranker-url", ",".join(b.url for b in rers)]
-    gw = start_gateway(tmp / "gw", *urls, "--max-batch-inputs", "4", "--max-batch-docs", "2",
-                       "--eject-cooldown", "0")
+    gw = start_gateway(tmp / "gw", *urls, "--max-batch-inputs", "4", "--max-batch-docs", "2", "--eject-cooldown", "0")
     yield gw, embs, rers
     gw.stop()
     for b in (*embs, *rers):
         b.stop()
 
 
-def test_a_retried_request_counts_both_attempts_as_upstream(split: tuple[GatewayProc, list[Backend], list[Backend]]) -> None:
+def test_a_retried_request_counts_both_attempts_as_upstream(
+    split: tuple[GatewayProc, list[Backend], list[Backend]],
+) -> None:
     """The first embeddings request goes to replica 0, which waits 0.3 s and answers 503: the
     gateway retries on replica 1. Both attempts are upstream time, none of it overhead."""
     gw, embs, _ = split
@@ -107,8 +107,9 @@ def test_non_json_from_tokenize_is_a_502(tmp_path: Path) -> None:
     """Without a tokenizer, `max_length` truncates through vLLM's /tokenize: an answer there that
     is not JSON is the backend's fault (502 in the envelope), as it is on /score."""
     rer = start_backend(tmp_path, "rerank", name="plain-reranker")
-    gw = start_gateway(tmp_path / "gw", "--embedding-url", "none", "--reranker-url", rer.url,
-                       "--reranker-model", "plain-reranker")
+    gw = start_gateway(
+        tmp_path / "gw", "--embedding-url", "none", "--reranker-url", rer.url, "--reranker-model", "plain-reranker"
+    )
     try:
         rer.admin(fault="garbage", fault_path="/tokenize")
         body = {"query": "q", "documents": ["a long document " * 20], "max_length": 4}

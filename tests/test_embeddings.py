@@ -8,8 +8,8 @@ import struct
 from pathlib import Path
 
 import orjson
-
 from conftest import backend_args, start_backend, start_gateway
+
 from er_gateway.embeddings import cut_vectors
 
 
@@ -21,8 +21,9 @@ def unit(v: list[float]) -> list[float]:
 def test_cut_vectors_float_and_base64_agree() -> None:
     vec = [3.0, 4.0, 12.0, 84.0]
     packed = base64.b64encode(struct.pack("<4f", *vec)).decode()
-    body = orjson.dumps({"data": [{"index": 0, "embedding": vec}, {"index": 1, "embedding": packed}],
-                         "usage": {"total_tokens": 3}})
+    body = orjson.dumps(
+        {"data": [{"index": 0, "embedding": vec}, {"index": 1, "embedding": packed}], "usage": {"total_tokens": 3}}
+    )
     out = orjson.loads(cut_vectors(body, 2))
     assert out["data"][0]["embedding"] == [0.6, 0.8] and out["usage"] == {"total_tokens": 3}
     raw = base64.b64decode(out["data"][1]["embedding"])
@@ -39,16 +40,16 @@ def test_dimensions_in_front_of_a_vllm_that_refuses_them(tmp_path: Path) -> None
         full = [d["embedding"] for d in gw.post("/v1/embeddings", {"input": texts}).json()["data"]]
         r = gw.post("/v1/embeddings", {"input": texts, "dimensions": 16})
         assert r.status_code == 200, r.text
-        for d, f in zip(r.json()["data"], full):
+        for d, f in zip(r.json()["data"], full, strict=True):
             assert len(d["embedding"]) == 16
-            assert max(abs(a - b) for a, b in zip(d["embedding"], unit(f[:16]))) < 1e-6
+            assert max(abs(a - b) for a, b in zip(d["embedding"], unit(f[:16]), strict=True)) < 1e-6
         emb.admin(reset_stats=True)
         r = gw.post("/v1/embeddings", {"input": texts, "dimensions": 16, "encoding_format": "base64"})
         assert r.status_code == 200
         assert emb.stats()["requests"] == 1 and "dimensions" not in emb.stats()["last_body"]
-        for d, f in zip(r.json()["data"], full):
+        for d, f in zip(r.json()["data"], full, strict=True):
             vec = struct.unpack("<16f", base64.b64decode(d["embedding"]))
-            assert max(abs(a - b) for a, b in zip(vec, unit(f[:16]))) < 1e-6
+            assert max(abs(a - b) for a, b in zip(vec, unit(f[:16]), strict=True)) < 1e-6
         r = gw.post("/v1/embeddings", {"input": texts, "dimensions": 100000})
         assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
     finally:

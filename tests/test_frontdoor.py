@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import PY, ROOT, Backend, GatewayProc, backend_args, start_backend, start_gateway, start_redis
 
 MiB = 1024 * 1024
@@ -36,8 +35,9 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Backend
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, backends: tuple[Backend, Backend]) -> Iterator[GatewayProc]:
     """Short header timeout (1 s) and keep-alive timeout (3 s), default head and connection caps."""
-    g = start_gateway(tmp_path_factory.mktemp("fd-gw"), *backend_args(*backends),
-                      "--header-timeout", "1", "--keepalive-timeout", "3")
+    g = start_gateway(
+        tmp_path_factory.mktemp("fd-gw"), *backend_args(*backends), "--header-timeout", "1", "--keepalive-timeout", "3"
+    )
     yield g
     g.stop()
 
@@ -89,8 +89,9 @@ def read_response(s: socket.socket) -> tuple[int, bytes]:
         assert chunk, f"closed before a response head; got {buf!r}"
         buf += chunk
     head, _, body = buf.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
-                  if line.lower().startswith(b"content-length:"))
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:] if line.lower().startswith(b"content-length:")
+    )
     while len(body) < length:
         chunk = s.recv(65536)
         assert chunk, "closed inside a response body"
@@ -109,6 +110,7 @@ HEALTH = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
 # --- header timeout ----------------------------------------------------------------------------------
+
 
 def test_header_timeout_closes_idle_trickling_and_stalled_keepalive_heads(gw: GatewayProc) -> None:
     """--header-timeout 1: closed within 1 s + 1 s of the connection or of a later request's first byte;
@@ -155,8 +157,10 @@ def test_header_timeout_closes_idle_trickling_and_stalled_keepalive_heads(gw: Ga
         futures = [ex.submit(f) for f in (idle, trickle, stalled_second_head, idle_keepalive)]
         (idle_out, idle_t), (tr_out, tr_t), (st_out, st_t), (ka_out, ka_t) = [f.result() for f in futures]
 
-    print(f"\nheader timeout 1 s: idle closed after {idle_t:.2f} s, trickling {tr_t:.2f} s, stalled 2nd head "
-          f"{st_t:.2f} s; idle keep-alive (3 s) {ka_t:.2f} s")
+    print(
+        f"\nheader timeout 1 s: idle closed after {idle_t:.2f} s, trickling {tr_t:.2f} s, stalled 2nd head "
+        f"{st_t:.2f} s; idle keep-alive (3 s) {ka_t:.2f} s"
+    )
     assert idle_out == b"" and 0.9 <= idle_t <= 2.0, (idle_out, idle_t)  # nothing sent: closed silently
     for out, t in ((tr_out, tr_t), (st_out, st_t)):
         assert 0.9 <= t <= 2.0, t
@@ -168,6 +172,7 @@ def test_header_timeout_closes_idle_trickling_and_stalled_keepalive_heads(gw: Ga
 
 
 # --- request head size -------------------------------------------------------------------------------
+
 
 def test_head_over_max_header_bytes_is_431_and_never_buffered(gw: GatewayProc) -> None:
     """A 100 KiB header gets 431 + envelope; 60 KiB passes; four 128 MiB unfinished heads sent at
@@ -187,9 +192,17 @@ def test_head_over_max_header_bytes_is_431_and_never_buffered(gw: GatewayProc) -
         assert [read_response(s)[0] for _ in range(3)] == [200] * 3
         body = json.dumps({"model": "Qwen3-Embedding-0.6B", "input": ["word " * 50] * 1000}).encode()
         assert len(body) > 200 * 1024  # more than one read of the gateway (and than the head limit)
-        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + gw.key.encode()
-                  + b"\r\nContent-Type: application/json\r\nX-Big: " + b"a" * (60 * 1024)
-                  + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body + HEALTH)
+        s.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+            + gw.key.encode()
+            + b"\r\nContent-Type: application/json\r\nX-Big: "
+            + b"a" * (60 * 1024)
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+            + HEALTH
+        )
         status, payload = read_response(s)
         assert status == 200, payload[:300]
         assert read_response(s)[0] == 200
@@ -245,9 +258,11 @@ def test_head_over_max_header_bytes_is_431_and_never_buffered(gw: GatewayProc) -
     for t in threads:
         t.join()
     hwm_growth = max(vm(pid, "VmHWM") - hwm_before, rss_peak - rss_before)
-    print(f"\n431: 4 x 128 MiB heads; peak RSS growth {hwm_growth / MiB:.1f} MiB, bytes sent per connection "
-          f"{[round(n / MiB) for _, n in results]} MiB, /health during: max {max(health_ms or [0]):.1f} ms "
-          f"over {len(health_ms)}")
+    print(
+        f"\n431: 4 x 128 MiB heads; peak RSS growth {hwm_growth / MiB:.1f} MiB, bytes sent per connection "
+        f"{[round(n / MiB) for _, n in results]} MiB, /health during: max {max(health_ms or [0]):.1f} ms "
+        f"over {len(health_ms)}"
+    )
     for out, sent in results:
         assert status_and_error(out)[0] == 431
         assert sent < 100 * MiB  # the lingering close stops reading at 64 MiB (+ socket buffers)
@@ -257,8 +272,10 @@ def test_head_over_max_header_bytes_is_431_and_never_buffered(gw: GatewayProc) -
 
 # --- connection cap ----------------------------------------------------------------------------------
 
+
 def test_connection_cap_closes_extra_connections_and_logs_rate_limited(
-        tmp_path: Path, backends: tuple[Backend, Backend]) -> None:
+    tmp_path: Path, backends: tuple[Backend, Backend]
+) -> None:
     g = start_gateway(tmp_path, *backend_args(*backends), "--max-connections", "50")
     try:
         held = [connect(g) for _ in range(50)]
@@ -273,8 +290,10 @@ def test_connection_cap_closes_extra_connections_and_logs_rate_limited(
         assert httpx.get(g.url + "/health").status_code == 200  # room again once the idle ones left
         for _ in range(60):  # more than the cap, one after another: every connection is given back,
             with connect(g) as s:  # also those asking for an upgrade (served as plain HTTP/1.1)
-                s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                s.sendall(
+                    b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                )
                 assert read_response(s)[0] == 200
         assert httpx.get(g.url + "/health").status_code == 200
         log = g.logs / "embedding_reranker_proxy.log"
@@ -282,8 +301,9 @@ def test_connection_cap_closes_extra_connections_and_logs_rate_limited(
         while "refused" not in (text := log.read_text()) and time.monotonic() < deadline:
             time.sleep(0.1)
         lines = [ln for ln in text.splitlines() if "refused" in ln]
-        print(f"\ncap 50: 20 extra connections closed in max {max(t for _, t in closed_in) * 1000:.1f} ms; "
-              f"log: {lines}")
+        print(
+            f"\ncap 50: 20 extra connections closed in max {max(t for _, t in closed_in) * 1000:.1f} ms; log: {lines}"
+        )
         # 20 refusals, one line so far (the next may come only 10 s after it, with the count since)
         assert len(lines) == 1 and "WARNING" in lines[0] and "--max-connections" in lines[0]
         assert "refused 1 client connection(s)" in lines[0] and "is 50" in lines[0]
@@ -311,6 +331,7 @@ def test_fd_limit_raised_and_cap_fitted_to_it() -> None:
 
 # --- lingering close after an early answer -----------------------------------------------------------
 
+
 def test_oversized_body_413_is_readable_by_clients_that_send_first(gw: GatewayProc) -> None:
     """40 MiB body (limit 32 MiB): the gateway answers 413 from Content-Length before reading; a client
     that writes everything before reading must still read the 413 and its envelope."""
@@ -324,23 +345,30 @@ def test_oversized_body_413_is_readable_by_clients_that_send_first(gw: GatewayPr
 
     for conn_header in (b"", b"Connection: close\r\n"):  # keep-alive, then close
         with connect(gw, timeout=20) as s:
-            s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
-                      + gw.key.encode() + b"\r\nContent-Type: application/json\r\n" + conn_header
-                      + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            s.sendall(
+                b"POST "
+                + path.encode()
+                + b" HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+                + gw.key.encode()
+                + b"\r\nContent-Type: application/json\r\n"
+                + conn_header
+                + b"Content-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+            )
             s.sendall(body)  # all of it, before reading anything
             status, payload = read_response(s)
             check(status, payload)
             assert read_until_closed(s, 7)[0] == b""  # then the gateway closes
 
-    r = httpx.post(gw.url + path, content=body, headers={**gw.auth, "Content-Type": "application/json"},
-                   timeout=30)
+    r = httpx.post(gw.url + path, content=body, headers={**gw.auth, "Content-Type": "application/json"}, timeout=30)
     check(r.status_code, r.content)
+
     def chunks() -> Iterator[bytes]:  # no Content-Length: the 413 comes once 32 MiB were read
         for i in range(0, len(body), MiB):
-            yield body[i:i + MiB]
+            yield body[i : i + MiB]
 
-    r = httpx.post(gw.url + path, content=chunks(), headers={**gw.auth, "Content-Type": "application/json"},
-                   timeout=30)
+    r = httpx.post(gw.url + path, content=chunks(), headers={**gw.auth, "Content-Type": "application/json"}, timeout=30)
     check(r.status_code, r.content)
     req = urllib.request.Request(gw.url + path, data=body, headers={**gw.auth, "Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -351,8 +379,15 @@ def test_oversized_body_413_is_readable_by_clients_that_send_first(gw: GatewayPr
     s = connect(gw, timeout=20)
     got: list[bytes] = []
     reader = threading.Thread(target=lambda: got.extend(iter(lambda: _recv(s), b"")))
-    s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + gw.key.encode()
-              + b"\r\nContent-Length: " + str(1 << 40).encode() + b"\r\n\r\n")
+    s.sendall(
+        b"POST "
+        + path.encode()
+        + b" HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+        + gw.key.encode()
+        + b"\r\nContent-Length: "
+        + str(1 << 40).encode()
+        + b"\r\n\r\n"
+    )
     reader.start()
     sent, t0, block = 0, time.monotonic(), b"a" * MiB
     try:
@@ -367,8 +402,10 @@ def test_oversized_body_413_is_readable_by_clients_that_send_first(gw: GatewayPr
     assert sent < 100 * MiB
     status, err = status_and_error(b"".join(got))
     assert status == 413
-    assert httpx.post(gw.url + path, json={"model": "Qwen3-Embedding-0.6B", "input": "hi"},
-                      headers=gw.auth).status_code == 200
+    assert (
+        httpx.post(gw.url + path, json={"model": "Qwen3-Embedding-0.6B", "input": "hi"}, headers=gw.auth).status_code
+        == 200
+    )
 
 
 def _recv(s: socket.socket) -> bytes:
@@ -379,6 +416,7 @@ def _recv(s: socket.socket) -> bytes:
 
 
 # --- cost of many idle and trickling connections ----------------------------------------------------
+
 
 def test_500_idle_and_trickling_connections_cost_little(tmp_path: Path, backends: tuple[Backend, Backend]) -> None:
     """250 idle + 250 trickling connections (16 KiB of an unfinished head each, then a byte a second):
@@ -403,8 +441,9 @@ def test_500_idle_and_trickling_connections_cost_little(tmp_path: Path, backends
         rss0 = vm(pid, "VmRSS")
         # The connections live in another process, so its trickling does not hold this one's GIL
         # while a latency sample waits for its answer.
-        holder = subprocess.Popen([PY, "-c", HOLDER, str(addr(g)[1])], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+        holder = subprocess.Popen(
+            [PY, "-c", HOLDER, str(addr(g)[1])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         try:
             assert holder.stdout is not None and holder.stdin is not None
             assert holder.stdout.readline().strip() == "ready"
@@ -417,8 +456,10 @@ def test_500_idle_and_trickling_connections_cost_little(tmp_path: Path, backends
             holder.kill()
             holder.wait()
         growth = rss1 - rss0
-        print(f"\n500 connections: RSS +{growth / MiB:.1f} MiB; /health p50/p99 unloaded {unloaded50:.2f}/"
-              f"{unloaded:.2f} ms, loaded {loaded50:.2f}/{loaded:.2f} ms; {alive} still open")
+        print(
+            f"\n500 connections: RSS +{growth / MiB:.1f} MiB; /health p50/p99 unloaded {unloaded50:.2f}/"
+            f"{unloaded:.2f} ms, loaded {loaded50:.2f}/{loaded:.2f} ms; {alive} still open"
+        )
         assert alive == 500  # they were all held open during the measurement
         assert growth < 100 * 1000 * 1000
         # +10 ms is the target; +5 ms slack because two cores carry the gateway, this test, the trickling
@@ -463,10 +504,12 @@ print(sum(open_(s) for s in idle + trickling), flush=True)
 
 # --- worker processes ---------------------------------------------------------------------------------
 
+
 def test_workers_run_the_front_door_with_the_cli_limits(tmp_path: Path, backends: tuple[Backend, Backend]) -> None:
     redis = start_redis(tmp_path)
-    g = start_gateway(tmp_path, *backend_args(*backends), "--redis-url", redis.url, "--workers", "2",
-                      "--max-header-bytes", "2048")
+    g = start_gateway(
+        tmp_path, *backend_args(*backends), "--redis-url", redis.url, "--workers", "2", "--max-header-bytes", "2048"
+    )
     try:
         for _ in range(4):  # new connections, so both workers answer some
             with connect(g) as s:
@@ -486,8 +529,11 @@ def test_trailers_get_the_head_budget_and_bodies_a_deadline(tmp_path: Path, back
     g = start_gateway(tmp_path, *backend_args(*backends), "--max-header-bytes", "8192", "--body-timeout", "1")
     try:
         s = connect(g)
-        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + g.key.encode() +
-                  b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"inp\r\n0\r\nX-Trailer: ")
+        s.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + g.key.encode()
+            + b'\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"inp\r\n0\r\nX-Trailer: '
+        )
         t = time.monotonic()
         sent = 0
         try:
@@ -503,8 +549,11 @@ def test_trailers_get_the_head_budget_and_bodies_a_deadline(tmp_path: Path, back
         assert time.monotonic() - t < 3
         # the body deadline
         s = connect(g)
-        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + g.key.encode() +
-                  b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"input\": ")
+        s.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + g.key.encode()
+            + b'\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"input": '
+        )
         t = time.monotonic()
         status, err = status_and_error(read_until_closed(s, 5)[0])
         waited = time.monotonic() - t

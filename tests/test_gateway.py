@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 import httpx
-
 from conftest import start_backend, start_gateway, wait_until
 
 

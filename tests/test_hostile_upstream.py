@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-
 from conftest import EMB, GatewayProc, start_gateway
 from hostile_upstream import HostileUpstream, answer_body, http_answer, normal, reset
 
@@ -23,8 +22,19 @@ CAP = 8 * 1024 * 1024  # --max-upstream-bytes for this module's gateway
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HostileUpstream, GatewayProc]]:
     server = HostileUpstream()
     server.start()
-    gw = start_gateway(tmp_path_factory.mktemp("hostile"), "--embedding-url", server.url, "--reranker-url",
-                       server.url, "--timeout", "1", "--max-upstream-bytes", str(CAP), "--eject-cooldown", "0")
+    gw = start_gateway(
+        tmp_path_factory.mktemp("hostile"),
+        "--embedding-url",
+        server.url,
+        "--reranker-url",
+        server.url,
+        "--timeout",
+        "1",
+        "--max-upstream-bytes",
+        str(CAP),
+        "--eject-cooldown",
+        "0",
+    )
     yield server, gw
     gw.stop()
 
@@ -45,6 +55,7 @@ def hostile(up: tuple[HostileUpstream, GatewayProc]) -> Iterator[tuple[HostileUp
 async def send(gw: GatewayProc, texts: list[str], gap: float = 0.0) -> list[tuple[int, str, bytes]]:
     """POST each text (concurrently, or one by one `gap` seconds apart); (status, text, body)."""
     async with httpx.AsyncClient(timeout=30, headers=gw.auth) as client:
+
         async def one(text: str) -> tuple[int, str, bytes]:
             r = await client.post(gw.url + "/v1/embeddings", json={"input": text, "model": EMB})
             return r.status_code, text, r.content
@@ -120,8 +131,11 @@ def test_bytes_after_a_complete_answer_close_the_connection(hostile) -> None:  #
     async def pipelined(w, body, n, answer):  # type: ignore[no-untyped-def]
         # The answer, then in the same segment another full answer and a head whose body would
         # be the next request's answer, if the connection were kept.
-        w.write(http_answer(answer) + http_answer(answer_body("someone-else"))
-                + b"HTTP/1.1 200 OK\r\nContent-Length: 60\r\n\r\n")
+        w.write(
+            http_answer(answer)
+            + http_answer(answer_body("someone-else"))
+            + b"HTTP/1.1 200 OK\r\nContent-Length: 60\r\n\r\n"
+        )
         return True
 
     server.behaviour = pipelined
@@ -267,10 +281,15 @@ def test_huge_body_is_refused_with_bounded_memory(hostile) -> None:  # type: ign
     assert growth < 4 * CAP / 2**20 + 30, f"gateway RSS grew {growth:.0f} MiB"
 
 
-@pytest.mark.parametrize("head", [b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\n\r\n",
-                                  b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
-                                  b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
-                                  b"SSH-2.0-OpenSSH_9.2\r\n"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+    ],
+)
 def test_non_2xx_or_broken_final_answers_are_502(hostile, head) -> None:  # type: ignore[no-untyped-def]
     server, gw = hostile
 

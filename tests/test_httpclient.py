@@ -6,10 +6,17 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-
 from conftest import free_port
 from hostile_upstream import read_request
-from er_gateway.httpclient import MAX_HEADER_BYTES, ConnectError, DisconnectError, HTTPPool, ProtocolError, TooLargeError
+
+from er_gateway.httpclient import (
+    MAX_HEADER_BYTES,
+    ConnectError,
+    DisconnectError,
+    HTTPPool,
+    ProtocolError,
+    TooLargeError,
+)
 
 Answer = Callable[[bytes, int], bytes | None]  # (request head+body, connection's request number) -> bytes
 
@@ -142,9 +149,28 @@ async def test_https_backend(tmp_path, monkeypatch) -> None:  # type: ignore[no-
     import subprocess
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
     raw = RawServer(lambda req, n: ok(b'{"tls":true}'))
@@ -191,8 +217,9 @@ async def test_caps_bound_headers_and_body(serve) -> None:  # type: ignore[no-un
 
 
 async def test_interim_answers_then_reuse(serve) -> None:  # type: ignore[no-untyped-def]
-    url, raw = await serve(lambda req, n: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nLink: <x>\r\n\r\n"
-                           + ok(b"%d" % n))
+    url, raw = await serve(
+        lambda req, n: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early\r\nLink: <x>\r\n\r\n" + ok(b"%d" % n)
+    )
     pool = HTTPPool(url, connect_timeout=1, timeout=5)
     assert [(await pool.request("POST", "/a", b"{}")).body for _ in range(3)] == [b"1", b"2", b"3"]
     assert raw.connections == 1

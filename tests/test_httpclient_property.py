@@ -62,16 +62,27 @@ def scripts(draw: st.DrawFn, index: int) -> Script:
         wire += head + b"Content-Length: %d\r\n\r\n" % len(body) + body
     elif framing == "chunked":
         sizes = draw(st.lists(st.integers(1, 700), max_size=6))
-        wire += head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, sizes, draw(st.booleans()),
-                                                                         draw(st.booleans()))
+        wire += (
+            head
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+            + chunked(body, sizes, draw(st.booleans()), draw(st.booleans()))
+        )
     else:
         wire += head + b"\r\n" + body
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(wire) - 1)), max_size=8))))
     junk = b""
     if framing != "close" and draw(st.integers(0, 3)) == 0:
         # Junk starts with a visible byte: bare CRLFs between answers are legal and ignored.
-        junk = draw(st.sampled_from([b"H", b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", b"x\x00y",
-                                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"]))
+        junk = draw(
+            st.sampled_from(
+                [
+                    b"H",
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n",
+                    b"x\x00y",
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi",
+                ]
+            )
+        )
     return Script(wire, cuts, framing, junk, draw(st.booleans()))
 
 
@@ -114,7 +125,7 @@ async def run(plan: list[Script]) -> None:
                 served[i] = conn_id
                 s = plan[i]
                 bounds = [0, *s.cuts, len(s.wire)]
-                for a, b in zip(bounds, bounds[1:]):
+                for a, b in zip(bounds, bounds[1:], strict=False):
                     writer.write(s.wire[a:b])
                     await writer.drain()
                     await asyncio.sleep(0)

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port, run_cli
+
 from er_gateway import keys as ks
 from er_gateway.errors import GatewayError
 
@@ -80,8 +80,9 @@ def test_corrupt_file_is_an_error(tmp_path: Path, content: str) -> None:
 
 def test_cli_prints_only_the_key(tmp_path: Path) -> None:
     f = str(tmp_path / "k.json")
-    r = run_cli("keys", "--keys-file", f, "create", "--name", "svc", "--rpm", "10", "--models", "a,b",
-                "--expires", "2099-12-31")
+    r = run_cli(
+        "keys", "--keys-file", f, "create", "--name", "svc", "--rpm", "10", "--models", "a,b", "--expires", "2099-12-31"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 1 and r.stdout.startswith("er-")
     key = r.stdout.strip()
@@ -100,9 +101,22 @@ def test_first_start_banner_and_corrupt_file_refusal(tmp_path: Path) -> None:
     port = free_port()
     f = tmp_path / "er_api_keys.json"
     p = subprocess.Popen(
-        [sys.executable, str(ROOT / "embedding_reranker_proxy.py"), "--host", "127.0.0.1", "--port", str(port),
-         "--keys-file", str(f), "--log-dir", str(tmp_path / "logs")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "embedding_reranker_proxy.py"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--keys-file",
+            str(f),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
     )
     try:
         lines = []

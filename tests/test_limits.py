@@ -11,7 +11,6 @@ from pathlib import Path
 import aiohttp
 import httpx
 import pytest
-
 from conftest import EMB, RER, backend_args, start_backend, start_gateway, start_redis, wait_until
 
 
@@ -85,8 +84,11 @@ def test_two_gateways_share_one_budget_in_redis(tmp_path: Path, backends) -> Non
         assert "X-RateLimit-Remaining" not in r.headers  # nothing was counted, so nothing is claimed
         metrics = httpx.get(a.url + "/metrics").text
         assert "er_ratelimit_storage_errors_total 1" in metrics or "er_ratelimit_storage_errors_total 2" in metrics
-        wait_until(lambda: "rate-limit storage failed" in (a.logs / "embedding_reranker_proxy.log").read_text(),
-                   5, "warning logged")
+        wait_until(
+            lambda: "rate-limit storage failed" in (a.logs / "embedding_reranker_proxy.log").read_text(),
+            5,
+            "warning logged",
+        )
     finally:
         for p in (a, b, redis):
             p.stop()
@@ -113,8 +115,9 @@ def test_workers_share_limits_through_redis(tmp_path: Path, backends) -> None:  
     try:
         key = new_key(gw, "--name", "w", "--rpm", "30")
         time.sleep(2.2)
-        codes = [httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
-                 for _ in range(40)]
+        codes = [
+            httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code for _ in range(40)
+        ]
         assert codes.count(200) == 30 and codes.count(429) == 10, codes
     finally:
         gw.stop()
@@ -123,16 +126,30 @@ def test_workers_share_limits_through_redis(tmp_path: Path, backends) -> None:  
 
 def test_600_concurrent_requests_never_more_than_500_upstream(tmp_path: Path) -> None:
     slow = start_backend(tmp_path, "embedding", extra=["--delay", "1.5"])
-    gw = start_gateway(tmp_path, "--embedding-url", slow.url, "--reranker-url", slow.url,
-                       "--max-concurrency", "500", "--max-concurrency-per-key", "500", "--queue-timeout", "0.5")
+    gw = start_gateway(
+        tmp_path,
+        "--embedding-url",
+        slow.url,
+        "--reranker-url",
+        slow.url,
+        "--max-concurrency",
+        "500",
+        "--max-concurrency-per-key",
+        "500",
+        "--queue-timeout",
+        "0.5",
+    )
     try:
+
         async def run() -> list[tuple[int, str | None]]:
             conn = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as s:
+
                 async def one() -> tuple[int, str | None]:
                     async with s.post(gw.url + "/v1/embeddings", json={"input": "x"}, headers=gw.auth) as r:
                         await r.read()
                         return r.status, r.headers.get("Retry-After")
+
                 return await asyncio.gather(*(one() for _ in range(600)))
 
         results = asyncio.run(run())
@@ -211,8 +228,6 @@ def test_query_string_key_is_not_logged(tmp_path: Path, backends) -> None:  # ty
         text = f.read_text()
         assert gw.key not in text and "er-wrong-key-123" not in text, f
     assert "key=admin" in (gw.logs / "access.log").read_text()
-
-
 
 
 def test_token_budget_per_key(tmp_path: Path, backends) -> None:  # type: ignore[no-untyped-def]

@@ -14,17 +14,17 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-
 from conftest import RER, GatewayProc, free_port, start_gateway, wait_until
+from test_clients import managed_only, readme_curls, run_readme_curl
+from test_scripts import env_for, record, run
+from test_upstream import serve_models
+
 from er_gateway import manage
 from er_gateway.errors import GatewayError
 from er_gateway.manage import ModelManager
 from er_gateway.protocol import ReloadModelRequest
 from er_gateway.settings import SettingsError, load_settings
 from er_gateway.upstream import Upstreams
-from test_clients import managed_only, readme_curls, run_readme_curl
-from test_scripts import env_for, record, run
-from test_upstream import serve_models
 
 
 @dataclass
@@ -43,12 +43,27 @@ def managed(tmp: Path, replicas: int) -> Managed:
     assert r.returncode == 0, r.stdout + r.stderr
     key = (Path(env["LOG_DIR"]) / "vllm_api_key").read_text().strip()
     for p in ports[1:]:
-        r = run("start_vllm_models.sh", {**env, "RERANKER_PORT": str(p), "VLLM_API_KEY": key,
-                                         "LOG_DIR": f"{env['LOG_DIR']}/reranker-{p}"}, "--only", "reranker")
+        r = run(
+            "start_vllm_models.sh",
+            {**env, "RERANKER_PORT": str(p), "VLLM_API_KEY": key, "LOG_DIR": f"{env['LOG_DIR']}/reranker-{p}"},
+            "--only",
+            "reranker",
+        )
         assert r.returncode == 0, r.stdout + r.stderr
     urls = ",".join(f"http://127.0.0.1:{p}" for p in ports)
-    gw = start_gateway(tmp / "gw", "--manage-models", "--log-dir", env["LOG_DIR"], "--embedding-url", "none",
-                       "--reranker-url", urls, "--health-interval", "0.3", env=env)
+    gw = start_gateway(
+        tmp / "gw",
+        "--manage-models",
+        "--log-dir",
+        env["LOG_DIR"],
+        "--embedding-url",
+        "none",
+        "--reranker-url",
+        urls,
+        "--health-interval",
+        "0.3",
+        env=env,
+    )
     return Managed(gw, env, ports)
 
 
@@ -102,8 +117,15 @@ def test_one_replica_restarts_with_the_seed_body_then_a_failure_restores_it(one:
     gw = one.gw
     with Load(gw) as load:
         time.sleep(0.3)
-        r = reload(gw, {"model_path": "/models/other-reranker", "model_size": "4B", "max_model_len": 4096,
-                        "gpu_memory_utilization": 0.5})
+        r = reload(
+            gw,
+            {
+                "model_path": "/models/other-reranker",
+                "model_size": "4B",
+                "max_model_len": 4096,
+                "gpu_memory_utilization": 0.5,
+            },
+        )
         time.sleep(0.3)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -150,19 +172,24 @@ def test_two_replicas_restart_in_turn_with_no_failed_request(two: Managed) -> No
 
 async def test_replicas_elsewhere_are_not_restarted() -> None:
     """Checked before anything runs (no connection is made: the pools are never started)."""
-    settings = load_settings({"embedding_urls": "none", "reranker_urls": "http://gpu-host:8001",
-                              "manage_models": True}, environ={})
+    settings = load_settings(
+        {"embedding_urls": "none", "reranker_urls": "http://gpu-host:8001", "manage_models": True}, environ={}
+    )
     ups = Upstreams(settings)
     ups.pools = ups.build(settings.models)
     manager = ModelManager(lambda: (settings, ups))
     with pytest.raises(GatewayError) as e:
         await manager.reload(ReloadModelRequest(model_size="4B"))
-    assert e.value.status == 409 and "replica 0 of model 'Qwen3-Reranker-0.6B' is not on this machine" in e.value.message
+    assert (
+        e.value.status == 409 and "replica 0 of model 'Qwen3-Reranker-0.6B' is not on this machine" in e.value.message
+    )
     assert "`MODEL_SIZE=4B ./start_vllm_models.sh --restart --only reranker`" in e.value.message
     unmanaged = manager.refuse_unmanaged(ReloadModelRequest(kind="embedding", model_path="/m/e b", max_model_len=4096))
     assert unmanaged.status == 409
-    assert "EMBEDDING_MODEL_PATH='/m/e b' MAX_MODEL_LEN=4096 ./start_vllm_models.sh --restart --only embedding" \
+    assert (
+        "EMBEDDING_MODEL_PATH='/m/e b' MAX_MODEL_LEN=4096 ./start_vllm_models.sh --restart --only embedding"
         in unmanaged.message
+    )
 
 
 def test_the_readme_reload_curl_on_a_managed_gateway(one: Managed, tmp_path: Path) -> None:
@@ -178,8 +205,9 @@ def test_managing_needs_one_worker() -> None:
     assert "--manage-models needs --workers 1" in str(e.value)
 
 
-async def test_a_stuck_request_delays_a_restart_by_the_drain_timeout_only(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_stuck_request_delays_a_restart_by_the_drain_timeout_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A replica whose in-flight request never finishes is restarted after DRAIN_TIMEOUT, not never;
     it takes no new request meanwhile."""
     url, runner = await serve_models(orjson.dumps({"data": [{"id": RER, "max_model_len": 512}]}))
@@ -190,14 +218,18 @@ async def test_a_stuck_request_delays_a_restart_by_the_drain_timeout_only(tmp_pa
     script.chmod(0o755)
     monkeypatch.setattr(manage, "START_SCRIPT", script)
     monkeypatch.setattr(manage, "DRAIN_TIMEOUT", 0.5)
-    settings = load_settings({"embedding_urls": "none", "reranker_urls": url,
-                              "manage_models": True, "log_dir": str(tmp_path / "logs")}, environ={})
+    settings = load_settings(
+        {"embedding_urls": "none", "reranker_urls": url, "manage_models": True, "log_dir": str(tmp_path / "logs")},
+        environ={},
+    )
     ups = Upstreams(settings)
     ups.pools = ups.build(settings.models)
     pool = ups.pools[RER]
     pool.replicas[0].outstanding = 1  # a request that never returns
     try:
-        reloading = asyncio.ensure_future(ModelManager(lambda: (settings, ups)).reload(ReloadModelRequest(max_model_len=256)))
+        reloading = asyncio.ensure_future(
+            ModelManager(lambda: (settings, ups)).reload(ReloadModelRequest(max_model_len=256))
+        )
         await asyncio.sleep(0.2)
         assert pool.pick() is None  # draining: no new request goes to it
         start = asyncio.get_running_loop().time()

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from conftest import EMB, RER, backend_args, start_backend, start_gateway, start_redis, wait_until
 
 
@@ -62,8 +61,23 @@ def test_access_log_and_metrics_count_known_traffic(tmp_path: Path) -> None:
         emb_lines = [l for l in lines if "path=/v1/embeddings" in l and "status=200" in l]
         assert len(emb_lines) == 6
         first = dict(kv.split("=", 1) for kv in emb_lines[0].split(" "))
-        for field in ("time", "request_id", "key", "method", "path", "model", "status", "total_ms", "upstream_ms",
-                      "queue_ms", "replica", "retries", "items", "tokens", "client"):
+        for field in (
+            "time",
+            "request_id",
+            "key",
+            "method",
+            "path",
+            "model",
+            "status",
+            "total_ms",
+            "upstream_ms",
+            "queue_ms",
+            "replica",
+            "retries",
+            "items",
+            "tokens",
+            "client",
+        ):
             assert field in first, field
         assert first["key"] == "admin" and first["model"] == EMB and first["items"] == "2"
         assert first["tokens"] == "5" and first["replica"] == emb.url and first["method"] == "POST"
@@ -80,8 +94,9 @@ def test_access_log_and_metrics_count_known_traffic(tmp_path: Path) -> None:
 
 def test_json_logs_and_rotation(tmp_path: Path) -> None:
     emb = start_backend(tmp_path, "embedding")
-    gw = start_gateway(tmp_path, "--embedding-url", emb.url, "--log-format", "json", "--log-max-bytes", "2048",
-                       "--log-backups", "2")
+    gw = start_gateway(
+        tmp_path, "--embedding-url", emb.url, "--log-format", "json", "--log-max-bytes", "2048", "--log-backups", "2"
+    )
     try:
         for _ in range(40):
             gw.post("/v1/embeddings", {"input": "x"})
@@ -129,8 +144,9 @@ def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
     e1 = start_backend(tmp_path, "embedding")
     e2 = start_backend(tmp_path, "embedding")
     rer = start_backend(tmp_path, "rerank")
-    gw = start_gateway(tmp_path, "--embedding-url", f"{e1.url},{e2.url}", "--reranker-url", rer.url,
-                       "--health-interval", "0.5")
+    gw = start_gateway(
+        tmp_path, "--embedding-url", f"{e1.url},{e2.url}", "--reranker-url", rer.url, "--health-interval", "0.5"
+    )
     try:
         for _ in range(20):
             gw.post("/v1/embeddings", {"input": "x"})
@@ -138,9 +154,19 @@ def test_status_page_in_headless_chromium(tmp_path: Path) -> None:
         e2.stop()
         wait_until(lambda: httpx.get(gw.url + "/health").json()["status"] == "degraded", 5, "degraded")
         url = f"{gw.url}/status?api_key={gw.key}"
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=4000", "--window-size=1200,1000"]
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            "--virtual-time-budget=4000",
+            "--window-size=1200,1000",
+        ]
         shot = tmp_path / "status.png"
         subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=90)
         assert shot.exists() and shot.stat().st_size > 10_000

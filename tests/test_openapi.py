@@ -10,13 +10,21 @@ from pathlib import Path
 
 import httpx
 import jsonschema
+from conftest import Stack
 from openapi_spec_validator import validate
 
-from conftest import Stack
 from er_gateway.routes import ROUTES
 
-API_POSTS = ("/v1/embeddings", "/embeddings", "/v1/rerank", "/v2/rerank", "/rerank", "/batch_rerank",
-             "/score", "/v1/score")
+API_POSTS = (
+    "/v1/embeddings",
+    "/embeddings",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/rerank",
+    "/batch_rerank",
+    "/score",
+    "/v1/score",
+)
 
 
 def _spec(stack: Stack) -> dict:
@@ -38,13 +46,20 @@ def test_the_document_is_valid_and_covers_the_route_table(stack: Stack) -> None:
         assert op["security"] == [{"bearer": []}]
         for code in ("400", "401", "413", "429"):
             assert op["responses"][code]["content"]["application/json"]["schema"] == {
-                "$ref": "#/components/schemas/ErrorEnvelope"}, (path, code)
+                "$ref": "#/components/schemas/ErrorEnvelope"
+            }, (path, code)
     for path in ("/v1/embeddings", "/v1/rerank", "/score"):
         assert spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"], path
-    every_error = [resp for ops in spec["paths"].values() for op in ops.values()
-                   for code, resp in op["responses"].items() if int(code) >= 400]
+    every_error = [
+        resp
+        for ops in spec["paths"].values()
+        for op in ops.values()
+        for code, resp in op["responses"].items()
+        if int(code) >= 400
+    ]
     assert every_error and all(
-        resp["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorEnvelope") for resp in every_error)
+        resp["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorEnvelope") for resp in every_error
+    )
 
 
 def _validator(spec: dict, name: str) -> jsonschema.Draft202012Validator:
@@ -57,8 +72,12 @@ def test_real_answers_match_their_documented_schemas(stack: Stack) -> None:
     the answers (and an error) validate against the schemas the document gives them."""
     spec = _spec(stack)
     gw = stack.gw
-    for path, name in (("/v1/embeddings", "EmbeddingResponse"), ("/v1/rerank", "RerankResponse"),
-                       ("/rerank", "RerankResponse"), ("/score", "ScoreResponse")):
+    for path, name in (
+        ("/v1/embeddings", "EmbeddingResponse"),
+        ("/v1/rerank", "RerankResponse"),
+        ("/rerank", "RerankResponse"),
+        ("/score", "ScoreResponse"),
+    ):
         example = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]
         r = gw.post(path, example)
         assert r.status_code == 200, (path, r.text)
@@ -75,11 +94,21 @@ def test_docs_render_in_headless_chromium_without_the_internet(stack: Stack, tmp
     assert chromium, "chromium is installed by scripts/test.sh"
     html = httpx.get(stack.gw.url + "/docs").text
     assert "/docs/swagger-ui-bundle.js" in html and "cdn" not in html  # the gateway's own copy
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}",
-             "--virtual-time-budget=8000", "--window-size=1200,1000"]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", stack.gw.url + "/docs"], capture_output=True, text=True,
-                         timeout=120).stdout
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+        "--virtual-time-budget=8000",
+        "--window-size=1200,1000",
+    ]
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", stack.gw.url + "/docs"], capture_output=True, text=True, timeout=120
+    ).stdout
     # Swagger UI has fetched /openapi.json and drawn one block per operation.
     assert "opblock-summary-path" in dom, dom[:2000]
     for path in ("/v1/embeddings", "/v1/rerank", "/batch_rerank", "/score", "/reload_model"):

@@ -15,16 +15,34 @@ from pathlib import Path
 
 import httpx
 import yaml
-
 from conftest import PY, ROOT, Stack, free_port, run_cli, wait_until
 
 
 def test_download_models_offline_is_a_clear_error(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+    }
     env.pop("HF_HUB_OFFLINE", None)
-    r = subprocess.run([PY, str(ROOT / "download_models.py"), "--model-size", "0.6B", "--kind", "embedding",
-                        "--output-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            PY,
+            str(ROOT / "download_models.py"),
+            "--model-size",
+            "0.6B",
+            "--kind",
+            "embedding",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert "could not download Qwen/Qwen3-Embedding-0.6B" in r.stderr and "online" in r.stderr
     assert "Traceback" not in r.stderr
@@ -122,8 +140,13 @@ def test_systemd_units() -> None:
     units = {p.name: p.read_text() for p in (ROOT / "deploy" / "systemd").glob("*.service")}
     assert set(units) == {"er-gateway.service", "vllm-embedding.service", "vllm-reranker.service"}
     assert "embedding_reranker_proxy.py" in units["er-gateway.service"] and "kill -HUP" in units["er-gateway.service"]
-    assert "CUDA_VISIBLE_DEVICES=1" in units["vllm-embedding.service"] and "--port 8000" in units["vllm-embedding.service"]
-    assert "CUDA_VISIBLE_DEVICES=0" in units["vllm-reranker.service"] and "--hf-overrides" in units["vllm-reranker.service"]
+    assert (
+        "CUDA_VISIBLE_DEVICES=1" in units["vllm-embedding.service"] and "--port 8000" in units["vllm-embedding.service"]
+    )
+    assert (
+        "CUDA_VISIBLE_DEVICES=0" in units["vllm-reranker.service"]
+        and "--hf-overrides" in units["vllm-reranker.service"]
+    )
     for text in units.values():
         assert "[Service]" in text and "ExecStart=" in text and "[Install]" in text
         # the backend key comes from a root-only EnvironmentFile: not in ExecStart (ps) nor Environment=
@@ -136,17 +159,51 @@ def test_systemd_units() -> None:
 
 def test_performance_test_tool(stack: Stack) -> None:
     for endpoint, batch in (("embeddings", 4), ("rerank", 3), ("batch_rerank", 2)):
-        r = subprocess.run([PY, str(ROOT / "performance_test.py"), "--url", stack.gw.url, "--key", stack.gw.key,
-                            "--endpoint", endpoint, "--requests", "60", "--concurrency", "8", "--batch-size",
-                            str(batch), "--instruction", "Find it", "--json"],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                PY,
+                str(ROOT / "performance_test.py"),
+                "--url",
+                stack.gw.url,
+                "--key",
+                stack.gw.key,
+                "--endpoint",
+                endpoint,
+                "--requests",
+                "60",
+                "--concurrency",
+                "8",
+                "--batch-size",
+                str(batch),
+                "--instruction",
+                "Find it",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
         summary = json.loads(r.stdout)
         assert summary["requests"] == 60 and summary["ok"] == 60 and summary["by_status"] == {"200": 60}
         assert summary["latency_ms"]["p50"] > 0 and summary["throughput_rps"] > 0
         assert "%" in r.stderr  # the progress bar
-    bad = subprocess.run([PY, str(ROOT / "performance_test.py"), "--url", stack.gw.url, "--key", "er-wrong",
-                          "--requests", "5", "--quiet"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [
+            PY,
+            str(ROOT / "performance_test.py"),
+            "--url",
+            stack.gw.url,
+            "--key",
+            "er-wrong",
+            "--requests",
+            "5",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "401:" in bad.stderr and "ER_KEY" in bad.stderr  # stops at once, says why
 
 
@@ -158,14 +215,38 @@ def test_fresh_clone_runs_from_the_readme_command(tmp_path: Path) -> None:
     port, emb, rer = free_port(), free_port(), free_port()
     log = open(tmp_path / "run.log", "wb")
     # vLLM is the stand-in `vllm` executable (no weights here); everything else is the clone's own.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")},
-           "VLLM_BIN": str(ROOT / "tests" / "fake_vllm_bin.sh"), "FAKE_VLLM_PYTHON": PY, "DEVICE": "cpu"}
-    p = subprocess.Popen(["bash", "scripts/run.sh", "--host", "127.0.0.1", "--port", str(port),
-                          "--embedding-url", f"http://127.0.0.1:{emb}", "--reranker-url", f"http://127.0.0.1:{rer}"],
-                         cwd=clone, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")},
+        "VLLM_BIN": str(ROOT / "tests" / "fake_vllm_bin.sh"),
+        "FAKE_VLLM_PYTHON": PY,
+        "DEVICE": "cpu",
+    }
+    p = subprocess.Popen(
+        [
+            "bash",
+            "scripts/run.sh",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--embedding-url",
+            f"http://127.0.0.1:{emb}",
+            "--reranker-url",
+            f"http://127.0.0.1:{rer}",
+        ],
+        cwd=clone,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
     try:
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code in (200, 503), 600,
-                   "fresh clone's gateway", p)
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code in (200, 503),
+            600,
+            "fresh clone's gateway",
+            p,
+        )
         body = httpx.get(f"http://127.0.0.1:{port}/health").json()
         assert body["status"] == "healthy", body  # the one command started both models, then served
         out = (tmp_path / "run.log").read_text()
@@ -180,8 +261,17 @@ def test_fresh_clone_runs_from_the_readme_command(tmp_path: Path) -> None:
 def test_cli_version_of_help_matches_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     r = run_cli("--help")
-    for flag in ("--embedding-url", "--reranker-url", "--rate-limit", "--redis-url", "--max-concurrency",
-                 "--workers", "--log-format", "--max-body-bytes", "--backend-api-key"):
+    for flag in (
+        "--embedding-url",
+        "--reranker-url",
+        "--rate-limit",
+        "--redis-url",
+        "--max-concurrency",
+        "--workers",
+        "--log-format",
+        "--max-body-bytes",
+        "--backend-api-key",
+    ):
         assert flag in r.stdout and flag in readme
     assert sys.version_info >= (3, 11)
 
@@ -223,21 +313,42 @@ def test_container_entrypoint_gives_a_root_owned_data_dir_to_the_gateway_user(tm
         data.mkdir()
         (data / "logs").mkdir()
         (data / "logs" / "old.log").write_text("x")  # root-owned leftovers are handed over too
-        env = {**os.environ, "ER_DATA_DIR": str(data), "ER_RUN_AS": "nobody",
-               "ER_KEYS_FILE": str(data / "er_api_keys.json")}
+        env = {
+            **os.environ,
+            "ER_DATA_DIR": str(data),
+            "ER_RUN_AS": "nobody",
+            "ER_KEYS_FILE": str(data / "er_api_keys.json"),
+        }
         # What the gateway does first: create its keys file and the lock beside it (the command
         # stands in for the gateway so the test does not depend on `nobody` reading this checkout).
         write = 'touch "$ER_KEYS_FILE" "$ER_KEYS_FILE.lock" && id -u'
-        r = subprocess.run([str(ROOT / "deploy" / "docker-entrypoint.sh"), "sh", "-c", write], env=env,
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [str(ROOT / "deploy" / "docker-entrypoint.sh"), "sh", "-c", write],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         nobody = pwd.getpwnam("nobody").pw_uid
         assert r.returncode == 0 and r.stdout.strip() == str(nobody), r.stderr
         for p in (data, data / "logs", data / "logs" / "old.log", data / "er_api_keys.json"):
             assert p.stat().st_uid == nobody, p
         # Not root: the command runs as it is, as whoever started the container.
-        r = subprocess.run(["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
-                            str(ROOT / "deploy" / "docker-entrypoint.sh"), "id", "-u"], env=env,
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={nobody}",
+                f"--regid={nobody}",
+                "--clear-groups",
+                str(ROOT / "deploy" / "docker-entrypoint.sh"),
+                "id",
+                "-u",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 0 and r.stdout.strip() == str(nobody), r.stderr
     finally:
         shutil.rmtree(top)
@@ -250,7 +361,8 @@ def test_deploy_script_on_a_one_gpu_host(tmp_path: Path) -> None:
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "docker").write_text(
         '#!/bin/sh\necho "docker $* EMBEDDING_GPU=$EMBEDDING_GPU RERANKER_GPU=$RERANKER_GPU '
-        'MEM=$EMBEDDING_GPU_MEMORY_UTILIZATION/$RERANKER_GPU_MEMORY_UTILIZATION" >> "$(dirname "$0")/../docker.log"\n')
+        'MEM=$EMBEDDING_GPU_MEMORY_UTILIZATION/$RERANKER_GPU_MEMORY_UTILIZATION" >> "$(dirname "$0")/../docker.log"\n'
+    )
     (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA A10 (UUID: GPU-0)'\n")
     for f in ("docker", "nvidia-smi"):
         (tmp_path / "bin" / f).chmod(0o755)

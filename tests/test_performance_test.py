@@ -19,8 +19,14 @@ def perf(url: str, *args: str, key: str | None = None, timeout: float = 60) -> s
     env = {k: v for k, v in os.environ.items() if k != "ER_KEY"}
     if key is not None:
         env["ER_KEY"] = key
-    return subprocess.run([sys.executable, SCRIPT, "--url", url, "--quiet", *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, SCRIPT, "--url", url, "--quiet", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def test_default_is_seed_rerank_with_er_key_from_env(stack: Stack) -> None:

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import EMB, RER, Stack, run_cli, start_backend, start_gateway, wait_until
+
 from er_gateway.qwen3 import embedding_query, rerank_document_part, rerank_query_part
 from er_gateway.settings import DEFAULT_INSTRUCTION
 
 
 def test_embedding_instruction_wraps_queries_only(stack: Stack) -> None:
     stack.gw.post("/v1/embeddings", {"input": ["q1", "q2"], "instruction": "Find it"})
-    assert stack.emb.stats()["last_body"] == {"input": [embedding_query("q1", "Find it"), embedding_query("q2", "Find it")]}
+    assert stack.emb.stats()["last_body"] == {
+        "input": [embedding_query("q1", "Find it"), embedding_query("q2", "Find it")]
+    }
     stack.gw.post("/v1/embeddings", {"input": "q", "input_type": "query"})
     assert stack.emb.stats()["last_body"]["input"] == embedding_query("q", DEFAULT_INSTRUCTION)
     stack.gw.post("/v1/embeddings", {"input": "doc", "input_type": "document", "instruction": "ignored"})
@@ -110,8 +112,10 @@ def test_reload_model_swaps_config_and_keeps_in_flight(tmp_path: Path) -> None:
     other = start_backend(tmp_path, "embedding", name="Other-Embedding")
     rer = start_backend(tmp_path, "rerank")
     cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(f"models:\n  - {{name: {EMB}, kind: embedding, urls: [{slow.url}]}}\n"
-                   f"  - {{name: {RER}, kind: rerank, urls: [{rer.url}]}}\n")
+    cfg.write_text(
+        f"models:\n  - {{name: {EMB}, kind: embedding, urls: [{slow.url}]}}\n"
+        f"  - {{name: {RER}, kind: rerank, urls: [{rer.url}]}}\n"
+    )
     gw = start_gateway(tmp_path, "--config", str(cfg))
     try:
         result: dict[str, int] = {}
@@ -122,9 +126,11 @@ def test_reload_model_swaps_config_and_keeps_in_flight(tmp_path: Path) -> None:
         t = threading.Thread(target=in_flight)
         t.start()
         time.sleep(0.4)
-        cfg.write_text(f"models:\n  - {{name: {EMB}, kind: embedding, urls: [{slow.url}]}}\n"
-                       f"  - {{name: Other-Embedding, kind: embedding, urls: [{other.url}], aliases: [alias-e]}}\n"
-                       f"  - {{name: {RER}, kind: rerank, urls: [{rer.url}], prompt: none}}\n")
+        cfg.write_text(
+            f"models:\n  - {{name: {EMB}, kind: embedding, urls: [{slow.url}]}}\n"
+            f"  - {{name: Other-Embedding, kind: embedding, urls: [{other.url}], aliases: [alias-e]}}\n"
+            f"  - {{name: {RER}, kind: rerank, urls: [{rer.url}], prompt: none}}\n"
+        )
         r = gw.post("/reload_model")
         assert r.status_code == 200, r.text
         names = {m["name"]: m for m in r.json()["models"]}
@@ -148,8 +154,9 @@ def test_health_degraded_and_unhealthy(tmp_path: Path) -> None:
     e1 = start_backend(tmp_path, "embedding")
     e2 = start_backend(tmp_path, "embedding")
     rer = start_backend(tmp_path, "rerank")
-    gw = start_gateway(tmp_path, "--embedding-url", f"{e1.url},{e2.url}", "--reranker-url", rer.url,
-                       "--health-interval", "0.3")
+    gw = start_gateway(
+        tmp_path, "--embedding-url", f"{e1.url},{e2.url}", "--reranker-url", rer.url, "--health-interval", "0.3"
+    )
     try:
         wait_until(lambda: httpx.get(gw.url + "/health").json()["status"] == "healthy", 5, "healthy")
         e2.stop()
@@ -215,7 +222,9 @@ def test_max_length_over_the_context_is_lowered_to_fit(stack: Stack) -> None:
     # counts words), not less a byte bound, which would cut far more than needed.
     assert applied == 512 - len(frame.split()) - 2
     sent = stack.rer.stats()["last_body"]["text_2"][0]
-    assert sent.startswith(rerank_document_part("")[:12] + "word word") and applied <= len(sent.split()) < 512  # cut to fit, not refused
+    assert (
+        sent.startswith(rerank_document_part("")[:12] + "word word") and applied <= len(sent.split()) < 512
+    )  # cut to fit, not refused
     assert len(r.json()["scores"]) == 2
     r = stack.gw.post("/rerank", {"query": "q", "documents": [long], "max_length": 100})
     assert r.status_code == 200 and "X-Max-Length-Applied" not in r.headers  # already fits
@@ -223,13 +232,19 @@ def test_max_length_over_the_context_is_lowered_to_fit(stack: Stack) -> None:
 
 def test_reload_with_settings_is_a_409_naming_the_command_when_unmanaged(stack: Stack) -> None:
     """The reload body on a gateway that does not manage vLLM: never a silent 200."""
-    seed = {"model_path": "/models/Qwen3-Reranker-4B", "model_size": "4B", "gpu_memory_utilization": 0.8,
-            "max_model_len": 4096}
+    seed = {
+        "model_path": "/models/Qwen3-Reranker-4B",
+        "model_size": "4B",
+        "gpu_memory_utilization": 0.8,
+        "max_model_len": 4096,
+    }
     r = stack.gw.post("/reload_model", seed)
     assert r.status_code == 409, r.text
     msg = r.json()["error"]["message"]
-    assert ("RERANKER_MODEL_PATH=/models/Qwen3-Reranker-4B MODEL_SIZE=4B RERANKER_GPU_MEMORY_UTILIZATION=0.8 "
-            "MAX_MODEL_LEN=4096 ./start_vllm_models.sh --restart --only reranker") in msg
+    assert (
+        "RERANKER_MODEL_PATH=/models/Qwen3-Reranker-4B MODEL_SIZE=4B RERANKER_GPU_MEMORY_UTILIZATION=0.8 "
+        "MAX_MODEL_LEN=4096 ./start_vllm_models.sh --restart --only reranker"
+    ) in msg
     assert "--manage-models" in msg
     r = stack.gw.post("/reload_model", {"kind": "embedding", "model_size": "8B"})
     assert r.status_code == 409 and "MODEL_SIZE=8B ./start_vllm_models.sh --restart --only embedding" in r.text

@@ -148,8 +148,14 @@ async def _hung_redis() -> tuple[asyncio.base_events.Server, int, list[asyncio.S
 @pytest.mark.parametrize("mode", ["open", "closed"])
 async def test_a_hung_redis_costs_one_timeout_per_breaker_interval(mode: str) -> None:
     server, port, held = await _hung_redis()
-    limiter = RateLimiter("100/minute", "1000/minute", f"redis://127.0.0.1:{port}/0", mode,  # type: ignore[arg-type]
-                          redis_timeout=0.3, breaker_interval=1.0)
+    limiter = RateLimiter(
+        "100/minute",
+        "1000/minute",
+        f"redis://127.0.0.1:{port}/0",
+        mode,  # type: ignore[arg-type]
+        redis_timeout=0.3,
+        breaker_interval=1.0,
+    )
     costs = []
     try:
         for _ in range(20):

@@ -10,7 +10,6 @@ from pathlib import Path
 import aiohttp
 import httpx
 import orjson
-
 from conftest import EMB, RER, start_backend, start_gateway, wait_until
 
 
@@ -21,8 +20,15 @@ def strip_ids(body: dict) -> dict:  # type: ignore[type-arg]
 def test_failover_under_load_and_recovery(tmp_path: Path) -> None:
     backends = [start_backend(tmp_path, "embedding") for _ in range(3)]
     rer = start_backend(tmp_path, "rerank")
-    gw = start_gateway(tmp_path, "--embedding-url", ",".join(b.url for b in backends), "--reranker-url", rer.url,
-                       "--health-interval", "1")
+    gw = start_gateway(
+        tmp_path,
+        "--embedding-url",
+        ",".join(b.url for b in backends),
+        "--reranker-url",
+        rer.url,
+        "--health-interval",
+        "1",
+    )
     try:
         wait_until(lambda: httpx.get(gw.url + "/health").json()["status"] == "healthy", 5, "healthy")
 
@@ -31,10 +37,12 @@ def test_failover_under_load_and_recovery(tmp_path: Path) -> None:
             deadline = time.monotonic() + seconds
             conn = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as s:
+
                 async def client() -> None:
                     while time.monotonic() < deadline:
-                        async with s.post(gw.url + "/v1/embeddings", json={"input": ["a b", "c"]},
-                                          headers=gw.auth) as r:
+                        async with s.post(
+                            gw.url + "/v1/embeddings", json={"input": ["a b", "c"]}, headers=gw.auth
+                        ) as r:
                             await r.read()
                             statuses.append(r.status)
 
@@ -84,6 +92,7 @@ def test_load_spreads_evenly(tmp_path: Path) -> None:
     backends = [start_backend(tmp_path, "embedding", extra=["--delay", "0.005"]) for _ in range(3)]
     gw = start_gateway(tmp_path, "--embedding-url", ",".join(b.url for b in backends))
     try:
+
         async def run() -> None:
             async with aiohttp.ClientSession() as s:
                 sem = asyncio.Semaphore(16)
@@ -218,8 +227,17 @@ def test_a_backend_restarted_with_another_model_is_followed(tmp_path: Path) -> N
 def test_replicas_serving_different_names_get_no_model_field(tmp_path: Path) -> None:
     a = start_backend(tmp_path, "embedding", name="emb-a")
     b = start_backend(tmp_path, "embedding", name="emb-b")
-    gw = start_gateway(tmp_path, "--embedding-url", f"{a.url},{b.url}", "--embedding-model", "emb-a",
-                       "--reranker-url", "none", "--health-interval", "0.3")
+    gw = start_gateway(
+        tmp_path,
+        "--embedding-url",
+        f"{a.url},{b.url}",
+        "--embedding-model",
+        "emb-a",
+        "--reranker-url",
+        "none",
+        "--health-interval",
+        "0.3",
+    )
     try:
         assert ids(gw) == ["emb-a", "emb-b"]
         for name in ("emb-a", "emb-b", None) * 4:
@@ -238,8 +256,7 @@ def test_a_backend_cannot_claim_another_models_name(tmp_path: Path) -> None:
     wrong --served-model-name) gets neither that model's traffic nor keys limited to it."""
     emb = start_backend(tmp_path, "embedding", name="emb-real")
     rer = start_backend(tmp_path, "rerank", name=EMB)
-    gw = start_gateway(tmp_path, "--embedding-url", emb.url, "--reranker-url", rer.url,
-                       "--health-interval", "0.3")
+    gw = start_gateway(tmp_path, "--embedding-url", emb.url, "--reranker-url", rer.url, "--health-interval", "0.3")
     try:
         assert ids(gw) == ["emb-real", EMB, RER]  # EMB is listed once, as the embedding model's
         assert gw.post("/v1/embeddings", {"input": "x", "model": EMB}).status_code == 200

@@ -8,9 +8,9 @@ import struct
 import httpx
 import orjson
 import pytest
-
 from conftest import EMB, RER, Stack
 from fake_vllm import embed_vector, pair_score
+
 from er_gateway.qwen3 import rerank_document_part, rerank_query_part
 from er_gateway.settings import DEFAULT_INSTRUCTION
 
@@ -36,7 +36,7 @@ def test_embedding_input_forms(stack: Stack, inp: object) -> None:
     items = [inp] if isinstance(inp, str) or isinstance(inp[0], int) else inp  # type: ignore[index]
     data = r.json()["data"]
     assert [d["index"] for d in data] == list(range(len(items)))
-    for d, item in zip(data, items):
+    for d, item in zip(data, items, strict=True):
         assert d["embedding"] == embed_vector(item, 64)
     assert r.json()["usage"]["total_tokens"] > 0
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import ROOT, free_port, start_gateway, wait_until
 
 FAKE = ROOT / "tests" / "fake_vllm_bin.sh"
@@ -94,11 +93,31 @@ def test_help(name: str, tmp_path: Path) -> None:
 
 def test_help_lists_every_variable(tmp_path: Path) -> None:
     out = run("start_vllm_models.sh", env_for(tmp_path), "--help").stdout
-    for var in ("MODEL_SIZE", "EMBEDDING_MODEL_PATH", "RERANKER_MODEL_PATH", "MODEL_PATH", "EMBEDDING_SERVED_NAME",
-                "RERANKER_SERVED_NAME", "EMBEDDING_GPU", "RERANKER_GPU", "EMBEDDING_PORT", "RERANKER_PORT",
-                "GPU_MEMORY_UTILIZATION", "MAX_MODEL_LEN", "DEVICE", "VLLM_BIN", "VLLM_EXTRA_ARGS",
-                "EMBEDDING_EXTRA_ARGS", "RERANKER_EXTRA_ARGS", "LOG_DIR", "HEALTH_TIMEOUT", "RERANKER_PROMPT",
-                "VLLM_CPU_KVCACHE_SPACE", "VLLM_HOST", "VLLM_API_KEY"):
+    for var in (
+        "MODEL_SIZE",
+        "EMBEDDING_MODEL_PATH",
+        "RERANKER_MODEL_PATH",
+        "MODEL_PATH",
+        "EMBEDDING_SERVED_NAME",
+        "RERANKER_SERVED_NAME",
+        "EMBEDDING_GPU",
+        "RERANKER_GPU",
+        "EMBEDDING_PORT",
+        "RERANKER_PORT",
+        "GPU_MEMORY_UTILIZATION",
+        "MAX_MODEL_LEN",
+        "DEVICE",
+        "VLLM_BIN",
+        "VLLM_EXTRA_ARGS",
+        "EMBEDDING_EXTRA_ARGS",
+        "RERANKER_EXTRA_ARGS",
+        "LOG_DIR",
+        "HEALTH_TIMEOUT",
+        "RERANKER_PROMPT",
+        "VLLM_CPU_KVCACHE_SPACE",
+        "VLLM_HOST",
+        "VLLM_API_KEY",
+    ):
         assert var in out, var
 
 
@@ -155,14 +174,19 @@ def test_loopback_key_file_and_a_gateway_next_to_vllm(started: dict[str, str], t
     assert denied.status_code == 401 and denied.json() == {"error": "Unauthorized"}
     assert httpx.get(emb + "/v1/models", headers=bearer("wrong")).status_code == 401
     assert httpx.post(emb + "/v1/embeddings", json={"input": "x"}, headers=bearer(key)).status_code == 200
-    for path, body in (("/score", {"text_1": "a", "text_2": ["b"]}), ("/rerank", {"query": "a", "documents": ["b"]}),
-                       ("/tokenize", {"prompt": "a b"})):
+    for path, body in (
+        ("/score", {"text_1": "a", "text_2": ["b"]}),
+        ("/rerank", {"query": "a", "documents": ["b"]}),
+        ("/tokenize", {"prompt": "a b"}),
+    ):
         assert httpx.post(rer + path, json=body).status_code == 200, path
     assert httpx.get(rer + "/health").status_code == 200
     # the status script still reads the served names (it asks /v1/models with the key)
     status = run("check_models_status.sh", started, "--json", "--no-gateway")
-    assert status.returncode == 0 and json.loads(status.stdout)["models"]["embedding"]["served_names"] == \
-        "Qwen3-Embedding-0.6B"
+    assert (
+        status.returncode == 0
+        and json.loads(status.stdout)["models"]["embedding"]["served_names"] == "Qwen3-Embedding-0.6B"
+    )
     # a gateway with the same log directory picks the key up from the file
     gw = start_gateway(tmp_path, "--embedding-url", emb, "--reranker-url", rer)
     try:
@@ -202,8 +226,15 @@ def test_public_vllm_host_warns_and_key_from_environment(tmp_path: Path) -> None
 
 
 def test_old_vllm_gets_task_flags_and_gpu_settings(tmp_path: Path) -> None:
-    env = env_for(tmp_path, FAKE_VLLM_VERSION="0.9.2", DEVICE="cuda", MODEL_SIZE="4B", MODEL_PATH="/models/rr",
-                  GPU_MEMORY_UTILIZATION="0.5", EMBEDDING_EXTRA_ARGS="--max-num-seqs 8")
+    env = env_for(
+        tmp_path,
+        FAKE_VLLM_VERSION="0.9.2",
+        DEVICE="cuda",
+        MODEL_SIZE="4B",
+        MODEL_PATH="/models/rr",
+        GPU_MEMORY_UTILIZATION="0.5",
+        EMBEDDING_EXTRA_ARGS="--max-num-seqs 8",
+    )
     try:
         assert run("start_vllm_models.sh", env).returncode == 0
         emb, rer = sorted(record(env), key=lambda l: "--task embed" not in l)
@@ -293,8 +324,12 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     logs = Path(env["LOG_DIR"])
     logs.mkdir(parents=True)
     # started from a shell that exits, as start_vllm_models.sh does, so init reaps it
-    out = subprocess.run(["bash", "-c", f"setsid {FAKE} serve m --port 1 >/dev/null 2>&1 </dev/null & echo $!"],
-                         env=env, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["bash", "-c", f"setsid {FAKE} serve m --port 1 >/dev/null 2>&1 </dev/null & echo $!"],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout
     pid = int(out.strip())
     (logs / "embedding.pid").write_text(str(pid))
     time.sleep(0.3)
@@ -325,12 +360,15 @@ def test_bad_usage(tmp_path: Path) -> None:
     assert run("start_vllm_models.sh", {**env, "VLLM_BIN": "/nonexistent/vllm"}).returncode == 2
 
 
-@pytest.mark.parametrize("given, sent", [
-    (None, '{"is_matryoshka":true}'),
-    ('{"max_position_embeddings": 1024}', '{"max_position_embeddings":1024,"is_matryoshka":true}'),
-    ('{"matryoshka_dimensions": [64, 128]}', '{"matryoshka_dimensions":[64,128]}'),  # the user's choice wins
-    ("none", None),
-])
+@pytest.mark.parametrize(
+    "given, sent",
+    [
+        (None, '{"is_matryoshka":true}'),
+        ('{"max_position_embeddings": 1024}', '{"max_position_embeddings":1024,"is_matryoshka":true}'),
+        ('{"matryoshka_dimensions": [64, 128]}', '{"matryoshka_dimensions":[64,128]}'),  # the user's choice wins
+        ("none", None),
+    ],
+)
 def test_embedding_gets_the_matryoshka_override_merged(tmp_path: Path, given: str | None, sent: str | None) -> None:
     env = env_for(tmp_path, **({"EMBEDDING_HF_OVERRIDES": given} if given is not None else {}))
     try:
@@ -366,7 +404,10 @@ def test_one_gpu_host_puts_both_models_on_it_and_splits_memory(tmp_path: Path) -
     try:
         r = run("start_vllm_models.sh", env)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "device cuda" in r.stdout and "both models on GPU 0: memory split embedding 0.40 + reranker 0.50" in r.stdout
+        assert (
+            "device cuda" in r.stdout
+            and "both models on GPU 0: memory split embedding 0.40 + reranker 0.50" in r.stdout
+        )
         emb, rer = sorted(record(env), key=lambda l: "--convert" not in l)
         assert "CUDA_VISIBLE_DEVICES=0" in emb and "--gpu-memory-utilization 0.40" in emb
         assert "CUDA_VISIBLE_DEVICES=0" in rer and "--gpu-memory-utilization 0.50" in rer
@@ -393,8 +434,9 @@ def test_same_gpu_given_explicitly_and_single_model_hosts(tmp_path: Path) -> Non
     finally:
         run("stop_vllm_models.sh", env)
     # Settings that cannot both fit are warned about, not changed.
-    env = env_for(tmp_path / "c", DEVICE="cuda", PATH=two, EMBEDDING_GPU="0", RERANKER_GPU="0",
-                  GPU_MEMORY_UTILIZATION="0.6")
+    env = env_for(
+        tmp_path / "c", DEVICE="cuda", PATH=two, EMBEDDING_GPU="0", RERANKER_GPU="0", GPU_MEMORY_UTILIZATION="0.6"
+    )
     try:
         r = run("start_vllm_models.sh", env)
         assert r.returncode == 0 and "warning: both models on GPU 0 ask for 0.6 + 0.6" in r.stderr
@@ -409,19 +451,51 @@ def test_run_sh_starts_the_local_models_serves_manages_and_stops_them(tmp_path: 
     env = env_for(tmp_path)
     logs, port = tmp_path / "logs", free_port()
     keys = tmp_path / "keys.json"
-    made = subprocess.run([sys.executable, str(ROOT / "embedding_reranker_proxy.py"), "--keys-file", str(keys),
-                           "keys", "create", "--name", "ops", "--admin"], capture_output=True, text=True)
+    made = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "embedding_reranker_proxy.py"),
+            "--keys-file",
+            str(keys),
+            "keys",
+            "create",
+            "--name",
+            "ops",
+            "--admin",
+        ],
+        capture_output=True,
+        text=True,
+    )
     key = made.stdout.strip()
     out = tmp_path / "run.out"
     with open(out, "wb") as f:
         proc = subprocess.Popen(
-            ["bash", str(ROOT / "scripts" / "run.sh"), "--host", "127.0.0.1", "--port", str(port),
-             "--embedding-url", f"http://127.0.0.1:{env['EMBEDDING_PORT']}",
-             "--reranker-url", f"http://127.0.0.1:{env['RERANKER_PORT']}",
-             "--log-dir", str(logs), "--keys-file", str(keys), "--health-interval", "0.3"],
-            env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path)
+            [
+                "bash",
+                str(ROOT / "scripts" / "run.sh"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--embedding-url",
+                f"http://127.0.0.1:{env['EMBEDDING_PORT']}",
+                "--reranker-url",
+                f"http://127.0.0.1:{env['RERANKER_PORT']}",
+                "--log-dir",
+                str(logs),
+                "--keys-file",
+                str(keys),
+                "--health-interval",
+                "0.3",
+            ],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
     try:
+
         def ready() -> bool:
             h = httpx.get(url + "/health", timeout=2)
             return h.status_code == 200 and h.json()["status"] == "healthy"
@@ -452,10 +526,28 @@ def test_run_sh_no_models_starts_only_the_gateway(tmp_path: Path) -> None:
     env = env_for(tmp_path)
     port = free_port()
     proc = subprocess.Popen(
-        ["bash", str(ROOT / "scripts" / "run.sh"), "--no-models", "--host", "127.0.0.1", "--port", str(port),
-         "--embedding-url", f"http://127.0.0.1:{env['EMBEDDING_PORT']}", "--reranker-url", "none",
-         "--log-dir", str(tmp_path / "logs"), "--keys-file", str(tmp_path / "keys.json")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        [
+            "bash",
+            str(ROOT / "scripts" / "run.sh"),
+            "--no-models",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--embedding-url",
+            f"http://127.0.0.1:{env['EMBEDDING_PORT']}",
+            "--reranker-url",
+            "none",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--keys-file",
+            str(tmp_path / "keys.json"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
     try:
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 503, 60, "gateway", proc)  # type: ignore[arg-type]
         assert not Path(env["FAKE_VLLM_RECORD"]).exists()  # no vLLM was started

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from er_gateway.settings import OPTIONS, SettingsError, load_settings
 
 
@@ -53,7 +53,10 @@ def test_comma_separated_urls_from_env() -> None:
 
 def test_reranker_prompt_shared_with_scripts() -> None:
     assert load_settings({}, environ={"RERANKER_PROMPT": "server"}).models[1].prompt == "server"
-    assert load_settings({}, environ={"RERANKER_PROMPT": "server", "ER_RERANKER_PROMPT": "none"}).models[1].prompt == "none"
+    assert (
+        load_settings({}, environ={"RERANKER_PROMPT": "server", "ER_RERANKER_PROMPT": "none"}).models[1].prompt
+        == "none"
+    )
 
 
 @pytest.mark.parametrize(
@@ -88,13 +91,31 @@ def test_gateway_serves_https_with_ssl_flags(tmp_path: Path) -> None:
     import subprocess
 
     import httpx
-
     from conftest import start_gateway
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     gw = start_gateway(tmp_path, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), wait=False)
     try:
         import ssl
@@ -133,8 +154,10 @@ def test_backend_key_from_the_start_scripts_file(tmp_path: Path) -> None:
 
 
 def test_backend_urls_with_credentials_are_refused() -> None:
-    for flags in ({"embedding_urls": "http://user:secret@10.0.0.7:8000"},
-                  {"reranker_urls": "http://127.0.0.1:8001,http://u:p@h:8001"}):
+    for flags in (
+        {"embedding_urls": "http://user:secret@10.0.0.7:8000"},
+        {"reranker_urls": "http://127.0.0.1:8001,http://u:p@h:8001"},
+    ):
         with pytest.raises(SettingsError) as e:
             load_settings(flags, environ={})
         assert "user:password" in str(e.value) and "secret" not in str(e.value)

@@ -14,7 +14,6 @@ from pathlib import Path
 import aiohttp
 import httpx
 import pytest
-
 from conftest import ROOT, backend_args, start_backend, start_gateway
 from test_limits import new_key
 
@@ -75,31 +74,36 @@ def test_32_mib_of_bad_items_is_refused_fast_and_small(iso, case: str) -> None: 
     prober = subprocess.Popen([sys.executable, "-c", PROBE, gw.url + "/health"], stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
     t = time.perf_counter()
-    r = httpx.post(gw.url + path, content=body, headers={**gw.auth, "Content-Type": "application/json"},
-                   timeout=30)
+    r = httpx.post(gw.url + path, content=body, headers={**gw.auth, "Content-Type": "application/json"}, timeout=30)
     elapsed = time.perf_counter() - t
     time.sleep(0.2)
     prober.terminate()
     health_ms = [float(x) for x in (prober.communicate()[0] or "").split()]
     assert r.status_code in (400, 413), r.text
     err = r.json()["error"]
-    assert "--max-json-values" in err["message"] or "--max-inputs" in err["message"] \
-        or "--max-documents" in err["message"], err
+    assert (
+        "--max-json-values" in err["message"] or "--max-inputs" in err["message"] or "--max-documents" in err["message"]
+    ), err
     growth = peak_rss_mb(gw.proc.pid) - before
-    print(f"{case}: {r.status_code} in {elapsed:.2f} s, peak RSS +{growth:.0f} MB, "
-          f"/health max {max(health_ms):.1f} ms over {len(health_ms)} probes")
+    print(
+        f"{case}: {r.status_code} in {elapsed:.2f} s, peak RSS +{growth:.0f} MB, "
+        f"/health max {max(health_ms):.1f} ms over {len(health_ms)} probes"
+    )
     assert elapsed < 1.0
     assert growth < 100
     assert max(health_ms) < 50
 
 
-@pytest.mark.parametrize("path, body, flag", [
-    ("/v1/embeddings", {"input": ["x"] * 2049}, "--max-inputs"),
-    ("/v1/rerank", {"query": "q", "documents": ["d"] * 1001}, "--max-documents"),
-    ("/rerank", {"query": "q", "documents": ["d"] * 1001}, "--max-documents"),
-    ("/v1/score", {"text_1": "q", "text_2": ["d"] * 1001}, "--max-documents"),
-    ("/batch_rerank", [{"query": "q", "documents": ["d"]}] * 65, "--max-batch-items"),
-])
+@pytest.mark.parametrize(
+    "path, body, flag",
+    [
+        ("/v1/embeddings", {"input": ["x"] * 2049}, "--max-inputs"),
+        ("/v1/rerank", {"query": "q", "documents": ["d"] * 1001}, "--max-documents"),
+        ("/rerank", {"query": "q", "documents": ["d"] * 1001}, "--max-documents"),
+        ("/v1/score", {"text_1": "q", "text_2": ["d"] * 1001}, "--max-documents"),
+        ("/batch_rerank", [{"query": "q", "documents": ["d"]}] * 65, "--max-batch-items"),
+    ],
+)
 def test_fan_out_caps_are_named_in_the_400(iso, path: str, body: object, flag: str) -> None:  # type: ignore[no-untyped-def]
     gw, emb, rer = iso
     for b in (emb, rer):
@@ -111,8 +115,9 @@ def test_fan_out_caps_are_named_in_the_400(iso, path: str, body: object, flag: s
 
 def test_caps_are_settings(tmp_path: Path) -> None:
     emb, rer = start_backend(tmp_path, "embedding"), start_backend(tmp_path, "rerank")
-    gw = start_gateway(tmp_path, *backend_args(emb, rer), "--max-inputs", "3", "--max-documents", "2",
-                       "--max-batch-items", "1")
+    gw = start_gateway(
+        tmp_path, *backend_args(emb, rer), "--max-inputs", "3", "--max-documents", "2", "--max-batch-items", "1"
+    )
     try:
         assert gw.post("/v1/embeddings", {"input": ["a", "b", "c"]}).status_code == 200
         r = gw.post("/v1/embeddings", {"input": ["a", "b", "c", "d"]})
@@ -187,11 +192,19 @@ def test_concurrent_requests_never_overshoot_the_token_budget(iso) -> None:  # t
     key = new_key(gw, "--name", "tpm100b", "--tpm", "100", hup=True)
     emb.admin(delay=0.2)
     try:
+
         async def run() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=30) as c:
-                return await asyncio.gather(*(
-                    c.post(gw.url + "/v1/embeddings", json={"input": "one two three four"},
-                           headers={"Authorization": f"Bearer {key}"}) for _ in range(20)))
+                return await asyncio.gather(
+                    *(
+                        c.post(
+                            gw.url + "/v1/embeddings",
+                            json={"input": "one two three four"},
+                            headers={"Authorization": f"Bearer {key}"},
+                        )
+                        for _ in range(20)
+                    )
+                )
 
         answers = asyncio.run(run())
     finally:
@@ -210,8 +223,7 @@ def test_a_flooding_key_does_not_slow_another_key(tmp_path: Path) -> None:
     step = 0.05
     emb = start_backend(tmp_path, "embedding", extra=["--step-time", str(step), "--step-capacity", "256"])
     rer = start_backend(tmp_path, "rerank")
-    gw = start_gateway(tmp_path, *backend_args(emb, rer), "--max-concurrency", "4",
-                       "--max-concurrency-per-key", "2")
+    gw = start_gateway(tmp_path, *backend_args(emb, rer), "--max-concurrency", "4", "--max-concurrency-per-key", "2")
     try:
         key_a = new_key(gw, "--name", "a", "--rpm", "100000", hup=True)
         key_b = new_key(gw, "--name", "b", "--rpm", "100000", hup=True)
@@ -221,8 +233,9 @@ def test_a_flooding_key_does_not_slow_another_key(tmp_path: Path) -> None:
             lat, statuses = [], []
             for _ in range(n):
                 t = time.perf_counter()
-                async with s.post(gw.url + "/v1/embeddings", json={"input": "hello"},
-                                  headers={"Authorization": f"Bearer {key_b}"}) as r:
+                async with s.post(
+                    gw.url + "/v1/embeddings", json={"input": "hello"}, headers={"Authorization": f"Bearer {key_b}"}
+                ) as r:
                     await r.read()
                     statuses.append(r.status)
                 lat.append(time.perf_counter() - t)
@@ -237,8 +250,9 @@ def test_a_flooding_key_does_not_slow_another_key(tmp_path: Path) -> None:
                 async def flood() -> None:
                     nonlocal a_count
                     while not done.is_set():
-                        async with s.post(gw.url + "/v1/embeddings", json=big,
-                                          headers={"Authorization": f"Bearer {key_a}"}) as r:
+                        async with s.post(
+                            gw.url + "/v1/embeddings", json=big, headers={"Authorization": f"Bearer {key_a}"}
+                        ) as r:
                             await r.read()
                             a_count += r.status == 200
 
@@ -256,8 +270,10 @@ def test_a_flooding_key_does_not_slow_another_key(tmp_path: Path) -> None:
         for p in (gw, emb, rer):
             p.stop()
     p99 = lambda xs: sorted(xs)[int(0.99 * (len(xs) - 1))]  # noqa: E731
-    print(f"B unloaded p99 {p99(unloaded) * 1000:.0f} ms, under flood p99 {p99(loaded) * 1000:.0f} ms "
-          f"(median {statistics.median(loaded) * 1000:.0f} ms); A served {a_served}")
+    print(
+        f"B unloaded p99 {p99(unloaded) * 1000:.0f} ms, under flood p99 {p99(loaded) * 1000:.0f} ms "
+        f"(median {statistics.median(loaded) * 1000:.0f} ms); A served {a_served}"
+    )
     assert statuses.count(503) == 0 and set(statuses) == {200}
     assert a_served > 0  # A was served too, just not ahead of B
     assert p99(loaded) <= 2 * p99(unloaded) + step
@@ -301,11 +317,14 @@ def test_max_length_without_a_tokenizer_asks_vllm_only_for_long_documents(iso) -
     assert stats["max_concurrent"] <= 4
 
 
-@pytest.mark.parametrize("body", [
-    b'{"input":[1' + b',"x"' * 999_000 + b"]}",  # a token list with strings: skips the count cap
-    b'{"input":[' + b",".join([b'["a","b","c","d","e","f","g","h"]'] * 2048) + b"]}",  # lists of strings
-    b'{"input":["a"' + b",1" * 2000 + b"]}",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"input":[1' + b',"x"' * 999_000 + b"]}",  # a token list with strings: skips the count cap
+        b'{"input":[' + b",".join([b'["a","b","c","d","e","f","g","h"]'] * 2048) + b"]}",  # lists of strings
+        b'{"input":["a"' + b",1" * 2000 + b"]}",
+    ],
+)
 def test_bad_input_shapes_cost_one_pass_not_a_million_errors(iso, body: bytes) -> None:  # type: ignore[no-untyped-def]
     gw, _, _ = iso
     before = peak_rss_mb(gw.proc.pid)

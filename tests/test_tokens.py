@@ -27,22 +27,30 @@ RER_JSON = MODELS / "tiny-qwen3-reranker" / "tokenizer.json"
 
 if not (EMB_JSON.is_file() and RER_JSON.is_file()):
     # scripts/test.sh (the README's test command) builds them; without them this is a failure, not a skip.
-    raise RuntimeError(f"tiny model tokenizers missing under {MODELS}; run bash scripts/test.sh "
-                       "(or scripts/make_tiny_models.py)")
+    raise RuntimeError(
+        f"tiny model tokenizers missing under {MODELS}; run bash scripts/test.sh (or scripts/make_tiny_models.py)"
+    )
 
 # Qwen3's own tokenizer.json runs NFC and this split regex before a regex-less byte-level step;
 # the tiny models use the GPT-2 byte-level regex. The same vocabulary under Qwen's pipeline
 # exercises what the tiny files cannot: NFC offsets and a cut that re-tokenizes longer.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 
 
 def qwen_pipeline() -> Tokenizer:
     d = json.loads(RER_JSON.read_text())
     d["normalizer"] = {"type": "NFC"}
-    d["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False}, BYTE_LEVEL]}
+    d["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
+            BYTE_LEVEL,
+        ],
+    }
     d["post_processor"] = d["decoder"] = BYTE_LEVEL
     return Tokenizer.from_str(json.dumps(d))
 
@@ -82,8 +90,34 @@ def byte_oracle(mt: ModelTokenizer, text: str, n: int) -> tuple[str, int]:
     return spelled.decode(errors="ignore"), size  # the bytes of a prefix: only the end can be torn
 
 
-PIECES = ["a", "yes", "no", " ", "  ", "\n", "\n \n", "\r\n", "\t", "'s", "'ll", "中文", "字", "é", "e\u0301",
-          "😀", "🎉", "\U0010ffff", "<|im_end|>", "<|endoftext|>", "0", "123", ".", "!?", "\ufffd", "ß"]
+PIECES = [
+    "a",
+    "yes",
+    "no",
+    " ",
+    "  ",
+    "\n",
+    "\n \n",
+    "\r\n",
+    "\t",
+    "'s",
+    "'ll",
+    "中文",
+    "字",
+    "é",
+    "e\u0301",
+    "😀",
+    "🎉",
+    "\U0010ffff",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "0",
+    "123",
+    ".",
+    "!?",
+    "\ufffd",
+    "ß",
+]
 texts = st.one_of(
     st.text(max_size=60),
     st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=4)), max_size=25).map("".join),
@@ -141,8 +175,10 @@ def test_truncate_properties_qwen_pipeline(t: str, n: int) -> None:
 
 
 @SETTINGS
-@given(words=st.lists(st.text("abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=12), min_size=1, max_size=30),
-       n=st.integers(0, 60))
+@given(
+    words=st.lists(st.text("abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=12), min_size=1, max_size=30),
+    n=st.integers(0, 60),
+)
 def test_plain_words_keep_exactly_n_tokens(words: list[str], n: int) -> None:
     # Words joined by single spaces: every piece of the cut text re-tokenizes as it was.
     t = " ".join(words)
@@ -160,8 +196,15 @@ def test_how_short_a_cut_can_come_out() -> None:
 
 
 def test_count_matches_the_tokenizer_library() -> None:
-    samples = ["", "Paris is the capital of France.", "中文字符 😀 é e\u0301", "<|im_end|> yes no", " " * 40,
-               "line\n\nbreak\r\n\ttab", "x" * 3000]
+    samples = [
+        "",
+        "Paris is the capital of France.",
+        "中文字符 😀 é e\u0301",
+        "<|im_end|> yes no",
+        " " * 40,
+        "line\n\nbreak\r\n\ttab",
+        "x" * 3000,
+    ]
     want = [len(RAW.encode(s, add_special_tokens=False).ids) for s in samples]
     assert [RER.count(s) for s in samples] == want
     assert RER.count_many(samples) == want
@@ -202,7 +245,7 @@ def test_nfc_offsets_point_into_the_original_text() -> None:
     for n in range(QWEN.count(t) + 1):
         cut = QWEN.truncate(t, n)
         assert t.startswith(cut) and QWEN.count(cut) <= n
-        assert not cut.endswith("e") or not t[len(cut):].startswith("\u0301")  # never splits é
+        assert not cut.endswith("e") or not t[len(cut) :].startswith("\u0301")  # never splits é
 
 
 def test_cut_offsets() -> None:
@@ -358,8 +401,9 @@ def test_load_tokenizers_logs_each_model(hf_cache: Path, caplog: pytest.LogCaptu
         got = load_tokenizers(models)
     assert set(got) == {"Qwen3-Reranker-0.6B", "emb2"}
     assert got["Qwen3-Reranker-0.6B"].path == f and got["emb2"].path == EMB_JSON
-    shared = load_tokenizers([model("a", "embedding", tokenizer=str(EMB_JSON)),
-                              model("b", "embedding", tokenizer=str(EMB_JSON.parent))])
+    shared = load_tokenizers(
+        [model("a", "embedding", tokenizer=str(EMB_JSON)), model("b", "embedding", tokenizer=str(EMB_JSON.parent))]
+    )
     assert shared["a"] is shared["b"]
     lines = [r.getMessage() for r in caplog.records][:3]
     assert lines == [
@@ -390,12 +434,17 @@ def test_load_tokenizers_bad_files(hf_cache: Path, tmp_path: Path, caplog: pytes
 def test_tokenizer_json_settings_do_not_change_counts(tmp_path: Path) -> None:
     d = json.loads(RER_JSON.read_text())
     d["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
-    d["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
-                    "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    d["padding"] = {
+        "strategy": {"Fixed": 64},
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "<|endoftext|>",
+    }
     (tmp_path / "tokenizer.json").write_text(json.dumps(d))
     mt = ModelTokenizer.from_file(tmp_path)
     t = "Paris is the capital of France, and Berlin is the capital of Germany."
     assert mt.count(t) == RER.count(t) > 4
     assert mt.count_many([t, ""]) == RER.count_many([t, ""])
     assert mt.truncate(t, 6) == RER.truncate(t, 6)
-

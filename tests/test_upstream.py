@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 from aiohttp import web
-
 from conftest import free_port
+
 from er_gateway.errors import GatewayError
 from er_gateway.settings import load_settings
 from er_gateway.upstream import MODELS_MAX_BYTES, Pool, Upstreams
@@ -65,8 +65,18 @@ def make(urls: list[str], **opts: str) -> tuple[Upstreams, Pool]:
 @pytest.mark.parametrize(
     "status,body,expect,message",
     [
-        (400, b'{"error":{"message":"too long","type":"BadRequestError","param":"input_tokens","code":400}}', 400, "too long"),
-        (400, b'{"object":"error","message":"flat msg","type":"BadRequestError","param":null,"code":400}', 400, "flat msg"),
+        (
+            400,
+            b'{"error":{"message":"too long","type":"BadRequestError","param":"input_tokens","code":400}}',
+            400,
+            "too long",
+        ),
+        (
+            400,
+            b'{"object":"error","message":"flat msg","type":"BadRequestError","param":null,"code":400}',
+            400,
+            "flat msg",
+        ),
         (404, b'{"detail":"Not Found"}', 404, "Not Found"),
         (422, b'{"detail":[{"loc":["body","input"],"msg":"bad"}]}', 422, "input: bad"),
         (500, b'{"error":{"message":"boom","type":"x","code":500}}', 502, "boom"),
@@ -179,6 +189,7 @@ async def test_least_outstanding_then_round_robin() -> None:
 
 async def serve_models(answer: bytes) -> tuple[str, web.AppRunner]:
     """A backend whose /health is fine and whose /v1/models answers `answer`."""
+
     async def models(request: web.Request) -> web.Response:
         return web.Response(body=answer, content_type="application/json")
 
@@ -196,19 +207,31 @@ def cards(*items: dict) -> bytes:  # type: ignore[type-arg]
     return orjson.dumps({"object": "list", "data": list(items)})
 
 
-@pytest.mark.parametrize("answer,served,max_len", [
-    (cards({"id": "real", "max_model_len": 4096}), ("real",), 4096),
-    # a huge answer (2 MiB of cards) is not parsed at all
-    (cards(*({"id": f"m{i}", "max_model_len": 512} for i in range(60_000))), (), None),
-    # at most 16 names; ids that are not short strings are dropped
-    (cards(*({"id": f"m{i}"} for i in range(100))), tuple(f"m{i}" for i in range(16)), None),
-    (cards({"id": 7}, {"id": ""}, {"id": "x" * 300}, {"id": ["a"]}, {"id": "ok"}), ("ok",), None),
-    # context lengths that no model has are ignored, not used to cut documents to nothing
-    (cards({"id": "a", "max_model_len": True}, {"id": "b", "max_model_len": 0}, {"id": "c", "max_model_len": -5},
-           {"id": "d", "max_model_len": 10**12}, {"id": "e", "max_model_len": "512"}), ("a", "b", "c", "d", "e"), None),
-    (b"[1, 2", (), None),
-    (b'{"data": 3}', (), None),
-])
+@pytest.mark.parametrize(
+    "answer,served,max_len",
+    [
+        (cards({"id": "real", "max_model_len": 4096}), ("real",), 4096),
+        # a huge answer (2 MiB of cards) is not parsed at all
+        (cards(*({"id": f"m{i}", "max_model_len": 512} for i in range(60_000))), (), None),
+        # at most 16 names; ids that are not short strings are dropped
+        (cards(*({"id": f"m{i}"} for i in range(100))), tuple(f"m{i}" for i in range(16)), None),
+        (cards({"id": 7}, {"id": ""}, {"id": "x" * 300}, {"id": ["a"]}, {"id": "ok"}), ("ok",), None),
+        # context lengths that no model has are ignored, not used to cut documents to nothing
+        (
+            cards(
+                {"id": "a", "max_model_len": True},
+                {"id": "b", "max_model_len": 0},
+                {"id": "c", "max_model_len": -5},
+                {"id": "d", "max_model_len": 10**12},
+                {"id": "e", "max_model_len": "512"},
+            ),
+            ("a", "b", "c", "d", "e"),
+            None,
+        ),
+        (b"[1, 2", (), None),
+        (b'{"data": 3}', (), None),
+    ],
+)
 async def test_hostile_models_answers_are_bounded(answer: bytes, served: tuple[str, ...], max_len: int | None) -> None:
     url, runner = await serve_models(answer)
     ups, pool = make([url])

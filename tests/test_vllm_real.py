@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import ROOT, GatewayProc, free_port, start_gateway, wait_until
+
 from er_gateway.qwen3 import embedding_query, rerank_prompt
 from er_gateway.settings import DEFAULT_INSTRUCTION
 
@@ -44,15 +44,20 @@ QUERY = "What is the capital of France?"
 def vllm_bin_dir() -> Path:
     if os.environ.get("ER_TEST_VLLM_BIN"):
         return Path(os.environ["ER_TEST_VLLM_BIN"]).parent
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "setup_vllm_cpu.sh")], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup_vllm_cpu.sh")], capture_output=True, text=True, check=True
+    )
     return Path(out.stdout.strip().splitlines()[-1])
 
 
 def tiny_models(py: Path) -> Path:
     out = Path(os.environ.get("ER_TEST_MODELS", ROOT / "tests" / ".artifacts" / "models"))
-    subprocess.run([str(py), str(ROOT / "scripts" / "make_tiny_models.py"), str(out)], check=True,
-                   capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [str(py), str(ROOT / "scripts" / "make_tiny_models.py"), str(out)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return out
 
 
@@ -71,9 +76,14 @@ class Tier:
 
     def reference(self, mode: str, items: list[str], model_dir: str | None = None) -> list:  # type: ignore[type-arg]
         model = self.models / (model_dir or ("tiny-qwen3-embedding" if mode == "embed" else "tiny-qwen3-reranker"))
-        r = subprocess.run([str(self.bin / "python"), str(ROOT / "tests" / "vllm_reference.py"), mode, str(model)],
-                           input=json.dumps(items), capture_output=True, text=True, check=True,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        r = subprocess.run(
+            [str(self.bin / "python"), str(ROOT / "tests" / "vllm_reference.py"), mode, str(model)],
+            input=json.dumps(items),
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        )
         return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
@@ -112,15 +122,24 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     env_a = {**base, "LOG_DIR": str(tmp / "logs-a"), "EMBEDDING_PORT": str(ports[0]), "RERANKER_PORT": str(ports[1])}
     # B's embedding server is started as a plain vLLM would be, without the Matryoshka override,
     # and B is `MODEL_SIZE=4B` with the tiny weights: it serves Qwen3-Embedding-4B/Qwen3-Reranker-4B.
-    env_b = {**{k: v for k, v in base.items() if not k.endswith("_SERVED_NAME")}, "MODEL_SIZE": "4B",
-             "LOG_DIR": str(tmp / "logs-b"), "EMBEDDING_PORT": str(ports[2]), "RERANKER_PORT": str(ports[3]),
-             "RERANKER_PROMPT": "server", "EMBEDDING_CPU_CORES": "1", "RERANKER_CPU_CORES": "0",
-             "EMBEDDING_HF_OVERRIDES": "none"}
+    env_b = {
+        **{k: v for k, v in base.items() if not k.endswith("_SERVED_NAME")},
+        "MODEL_SIZE": "4B",
+        "LOG_DIR": str(tmp / "logs-b"),
+        "EMBEDDING_PORT": str(ports[2]),
+        "RERANKER_PORT": str(ports[3]),
+        "RERANKER_PROMPT": "server",
+        "EMBEDDING_CPU_CORES": "1",
+        "RERANKER_CPU_CORES": "0",
+        "EMBEDDING_HF_OVERRIDES": "none",
+    }
     t0 = time.monotonic()
-    pa = subprocess.Popen([str(ROOT / "start_vllm_models.sh")], env=env_a, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    pb = subprocess.Popen([str(ROOT / "start_vllm_models.sh")], env=env_b, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    pa = subprocess.Popen(
+        [str(ROOT / "start_vllm_models.sh")], env=env_a, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    pb = subprocess.Popen(
+        [str(ROOT / "start_vllm_models.sh")], env=env_b, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     out_a, _ = pa.communicate(timeout=900)
     out_b, _ = pb.communicate(timeout=900)
     startup = time.monotonic() - t0
@@ -134,15 +153,41 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     backend = {"ER_BACKEND_API_KEY": key}
     gw = start_gateway(tmp / "gw", "--embedding-url", urls[0], "--reranker-url", urls[1], *common, env=backend)
     # This one counts and cuts tokens itself, with the models' own tokenizer.json files.
-    gw_s = start_gateway(tmp / "gw-server", "--embedding-url", urls[0], "--reranker-url", urls[3],
-                         "--embedding-tokenizer", str(models / "tiny-qwen3-embedding"),
-                         "--reranker-tokenizer", str(models / "tiny-qwen3-reranker"),
-                         *common, env={**backend, "RERANKER_PROMPT": "server"})
-    gw_split = start_gateway(tmp / "gw-split", "--embedding-url", f"{urls[0]},{urls[2]}", "--reranker-url", urls[1],
-                             "--max-batch-inputs", "3", "--max-batch-docs", "2", *common, env=backend)
+    gw_s = start_gateway(
+        tmp / "gw-server",
+        "--embedding-url",
+        urls[0],
+        "--reranker-url",
+        urls[3],
+        "--embedding-tokenizer",
+        str(models / "tiny-qwen3-embedding"),
+        "--reranker-tokenizer",
+        str(models / "tiny-qwen3-reranker"),
+        *common,
+        env={**backend, "RERANKER_PROMPT": "server"},
+    )
+    gw_split = start_gateway(
+        tmp / "gw-split",
+        "--embedding-url",
+        f"{urls[0]},{urls[2]}",
+        "--reranker-url",
+        urls[1],
+        "--max-batch-inputs",
+        "3",
+        "--max-batch-docs",
+        "2",
+        *common,
+        env=backend,
+    )
     # No model flags: configured for the 0.6B names, in front of B's 4B names.
-    gw_4b = start_gateway(tmp / "gw-4b", "--embedding-url", urls[2], "--reranker-url", urls[3],
-                          env={**backend, "RERANKER_PROMPT": "server"})
+    gw_4b = start_gateway(
+        tmp / "gw-4b",
+        "--embedding-url",
+        urls[2],
+        "--reranker-url",
+        urls[3],
+        env={**backend, "RERANKER_PROMPT": "server"},
+    )
     try:
         yield Tier(bin_dir, models, env_a, env_b, gw, gw_s, gw_split, gw_4b, startup, key)
     finally:
@@ -153,7 +198,7 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
 
 
 def cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
     return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
@@ -163,11 +208,11 @@ def test_embeddings_equal_transformers_reference(tier: Tier) -> None:
     r = tier.gw.post("/v1/embeddings", {"model": EMB_NAME, "input": texts})
     assert r.status_code == 200, r.text
     got = [d["embedding"] for d in r.json()["data"]]
-    for g, e in zip(got, ref):
+    for g, e in zip(got, ref, strict=True):
         assert cosine(g, e) >= 0.99999
     # base64 (the OpenAI SDK default) carries the same float32 vectors
     r = tier.gw.post("/v1/embeddings", {"model": EMB_NAME, "input": texts, "encoding_format": "base64"})
-    for d, e in zip(r.json()["data"], ref):
+    for d, e in zip(r.json()["data"], ref, strict=True):
         raw = base64.b64decode(d["embedding"])
         vec = list(struct.unpack(f"<{len(raw) // 4}f", raw))
         assert cosine(vec, e) >= 0.99999
@@ -187,20 +232,35 @@ def test_dimensions_both_ways(tier: Tier, tmp_path: Path) -> None:
     texts = ["hello world", "The capital of France is Paris."]
     ref = tier.reference("embed", texts)
     plain_vllm = f"http://127.0.0.1:{tier.env_b['EMBEDDING_PORT']}"
-    refused = httpx.post(plain_vllm + "/v1/embeddings", json={"model": "Qwen3-Embedding-4B", "input": "x", "dimensions": 32},
-                         headers={"Authorization": f"Bearer {tier.backend_key}"})
+    refused = httpx.post(
+        plain_vllm + "/v1/embeddings",
+        json={"model": "Qwen3-Embedding-4B", "input": "x", "dimensions": 32},
+        headers={"Authorization": f"Bearer {tier.backend_key}"},
+    )
     assert refused.status_code == 400 and "matryoshka" in refused.text.lower()  # the stand-in does the same
-    gw_plain = start_gateway(tmp_path, "--embedding-url", plain_vllm, "--reranker-url", "none",
-                             "--embedding-model", EMB_NAME, env={"ER_BACKEND_API_KEY": tier.backend_key})
+    gw_plain = start_gateway(
+        tmp_path,
+        "--embedding-url",
+        plain_vllm,
+        "--reranker-url",
+        "none",
+        "--embedding-model",
+        EMB_NAME,
+        env={"ER_BACKEND_API_KEY": tier.backend_key},
+    )
     try:
         for gw in (tier.gw, gw_plain):
             for fmt in ("float", "base64"):
-                r = gw.post("/v1/embeddings", {"model": EMB_NAME, "input": texts, "dimensions": 32,
-                                               "encoding_format": fmt})
+                r = gw.post(
+                    "/v1/embeddings", {"model": EMB_NAME, "input": texts, "dimensions": 32, "encoding_format": fmt}
+                )
                 assert r.status_code == 200, r.text
-                for d, e in zip(r.json()["data"], ref):
-                    vec = d["embedding"] if fmt == "float" else \
-                        list(struct.unpack("<32f", base64.b64decode(d["embedding"])))
+                for d, e in zip(r.json()["data"], ref, strict=True):
+                    vec = (
+                        d["embedding"]
+                        if fmt == "float"
+                        else list(struct.unpack("<32f", base64.b64decode(d["embedding"])))
+                    )
                     cut = e[:32]
                     norm = math.sqrt(sum(x * x for x in cut))
                     assert len(vec) == 32 and cosine(vec, [x / norm for x in cut]) >= 0.99999
@@ -211,8 +271,7 @@ def test_dimensions_both_ways(tier: Tier, tmp_path: Path) -> None:
 
 def test_embedding_instruction_matches_reference(tier: Tier) -> None:
     instr = "Given a question, retrieve passages that answer it"
-    ref = tier.reference("embed", [embedding_query(QUERY, instr), embedding_query(QUERY, DEFAULT_INSTRUCTION),
-                                   DOCS[0]])
+    ref = tier.reference("embed", [embedding_query(QUERY, instr), embedding_query(QUERY, DEFAULT_INSTRUCTION), DOCS[0]])
     r = tier.gw.post("/v1/embeddings", {"input": QUERY, "instruction": instr})
     assert cosine(r.json()["data"][0]["embedding"], ref[0]) >= 0.99999
     r = tier.gw.post("/v1/embeddings", {"input": [QUERY], "input_type": "query"})
@@ -235,7 +294,7 @@ def test_reranker_scores_equal_reference_p_yes(tier: Tier, mode: str, instructio
     r = gw.post("/rerank", body)
     assert r.status_code == 200, r.text
     scores = r.json()["scores"]
-    for got, want in zip(scores, expected):
+    for got, want in zip(scores, expected, strict=True):
         assert abs(got - want) <= 1e-5, (mode, scores, expected)
     results = r.json()["results"]
     assert [x["index"] for x in results] == sorted(range(len(DOCS)), key=lambda i: expected[i], reverse=True)
@@ -255,9 +314,10 @@ def test_max_length_truncates_documents_not_the_template(tier: Tier) -> None:
     assert r.status_code == 200, r.text
     cut = tier.reference("truncate", [[long_doc, 8]])[0]
     assert len(cut) < len(long_doc) / 4
-    expected = tier.reference("rerank", [rerank_prompt(QUERY, cut, DEFAULT_INSTRUCTION),
-                                         rerank_prompt(QUERY, DOCS[1], DEFAULT_INSTRUCTION)])
-    for got, want in zip(r.json()["scores"], expected):
+    expected = tier.reference(
+        "rerank", [rerank_prompt(QUERY, cut, DEFAULT_INSTRUCTION), rerank_prompt(QUERY, DOCS[1], DEFAULT_INSTRUCTION)]
+    )
+    for got, want in zip(r.json()["scores"], expected, strict=True):
         assert abs(got - want) <= 1e-5
     texts = {x["document"]["text"] for x in r.json()["results"]}
     assert long_doc in texts  # the client gets its own document back, uncut
@@ -285,15 +345,18 @@ def test_model_size_4b_behind_a_gateway_started_without_model_flags(tier: Tier) 
         r = tier.gw_4b.post("/v1/embeddings", {"input": DOCS[:2], **({"model": name} if name else {})})
         assert r.status_code == 200, (name, r.text)
         assert r.json()["model"] == "Qwen3-Embedding-4B"
-        for d, e in zip(r.json()["data"], ref):
+        for d, e in zip(r.json()["data"], ref, strict=True):
             assert cosine(d["embedding"], e) >= 0.99999
     expected = tier.reference("rerank", [rerank_prompt(QUERY, d, DEFAULT_INSTRUCTION) for d in DOCS])
     for name in ("Qwen3-Reranker-4B", None, "Qwen3-Reranker-0.6B"):
         r = tier.gw_4b.post("/rerank", {"query": QUERY, "documents": DOCS, **({"model": name} if name else {})})
         assert r.status_code == 200, (name, r.text)
-        assert all(abs(g - w) <= 1e-5 for g, w in zip(r.json()["scores"], expected))
+        assert all(abs(g - w) <= 1e-5 for g, w in zip(r.json()["scores"], expected, strict=True))
     # gw_split mixes replicas serving different names (tiny-embedding and Qwen3-Embedding-4B)
-    assert tier.gw_split.post("/v1/embeddings", {"model": EMB_NAME, "input": [f"t{i}" for i in range(9)]}).status_code == 200
+    assert (
+        tier.gw_split.post("/v1/embeddings", {"model": EMB_NAME, "input": [f"t{i}" for i in range(9)]}).status_code
+        == 200
+    )
 
 
 def test_seed_max_length_8192_on_a_512_token_model_gets_scores(tier: Tier) -> None:
@@ -302,15 +365,18 @@ def test_seed_max_length_8192_on_a_512_token_model_gets_scores(tier: Tier) -> No
     long_doc = "Paris is the capital of France and a large city with many museums and parks " * 60
     applied_by = {}
     for gw, mode in ((tier.gw, "vLLM /tokenize"), (tier.gw_server_mode, "gateway tokenizer")):
-        r = gw.post("/rerank", {"model": RER_NAME, "query": QUERY, "documents": [long_doc, DOCS[1]],
-                                "max_length": 8192})
+        r = gw.post(
+            "/rerank", {"model": RER_NAME, "query": QUERY, "documents": [long_doc, DOCS[1]], "max_length": 8192}
+        )
         assert r.status_code == 200, (mode, r.text)
         applied = applied_by[mode] = int(r.headers["X-Max-Length-Applied"])
         assert 200 < applied < 512, applied
         cut = tier.reference("truncate", [[long_doc, applied]])[0]
-        expected = tier.reference("rerank", [rerank_prompt(QUERY, cut, DEFAULT_INSTRUCTION),
-                                             rerank_prompt(QUERY, DOCS[1], DEFAULT_INSTRUCTION)])
-        assert all(abs(g - w) <= 1e-5 for g, w in zip(r.json()["scores"], expected)), mode
+        expected = tier.reference(
+            "rerank",
+            [rerank_prompt(QUERY, cut, DEFAULT_INSTRUCTION), rerank_prompt(QUERY, DOCS[1], DEFAULT_INSTRUCTION)],
+        )
+        assert all(abs(g - w) <= 1e-5 for g, w in zip(r.json()["scores"], expected, strict=True)), mode
     # both ways count the query and template alike (the document's share is what is left)
     assert abs(applied_by["vLLM /tokenize"] - applied_by["gateway tokenizer"]) <= 2, applied_by
 
@@ -354,15 +420,15 @@ def test_split_batch_across_two_real_replicas(tier: Tier) -> None:
     a, b = split.json(), whole.json()
     assert [d["index"] for d in a["data"]] == list(range(10))
     assert a["usage"] == b["usage"]
-    for x, y in zip(a["data"], b["data"]):
-        assert max(abs(p - q) for p, q in zip(x["embedding"], y["embedding"])) < 1e-5
+    for x, y in zip(a["data"], b["data"], strict=True):
+        assert max(abs(p - q) for p, q in zip(x["embedding"], y["embedding"], strict=True)) < 1e-5
     replicas = httpx.get(tier.gw_split.url + "/health").json()["models"][EMB_NAME]["replicas"]
     assert all(r["requests"] >= 1 for r in replicas), replicas  # both replicas served chunks
     # rerank split (2 docs per chunk) equals the unsplit answer
     s = tier.gw_split.post("/rerank", {"query": QUERY, "documents": DOCS, "top_n": 3}).json()
     w = tier.gw.post("/rerank", {"query": QUERY, "documents": DOCS, "top_n": 3}).json()
     assert [x["index"] for x in s["results"]] == [x["index"] for x in w["results"]]
-    assert all(abs(p - q) <= 1e-6 for p, q in zip(s["scores"], w["scores"]))
+    assert all(abs(p - q) <= 1e-6 for p, q in zip(s["scores"], w["scores"], strict=True))
     assert s["usage"] == w["usage"]
 
 
@@ -371,25 +437,52 @@ def test_reload_model_switches_the_reranker_checkpoint(tier: Tier, tmp_path: Pat
     checkpoint through start_vllm_models.sh; the scores become that checkpoint's, and a reload
     back restores the first one's."""
     rer_url = f"http://127.0.0.1:{tier.env_a['RERANKER_PORT']}"
-    gw = start_gateway(tmp_path, "--manage-models", "--log-dir", tier.env_a["LOG_DIR"], "--embedding-url", "none",
-                       "--reranker-url", rer_url, "--reranker-model", RER_NAME, "--health-interval", "1",
-                       env={**tier.env_a, "ER_BACKEND_API_KEY": tier.backend_key})
+    gw = start_gateway(
+        tmp_path,
+        "--manage-models",
+        "--log-dir",
+        tier.env_a["LOG_DIR"],
+        "--embedding-url",
+        "none",
+        "--reranker-url",
+        rer_url,
+        "--reranker-model",
+        RER_NAME,
+        "--health-interval",
+        "1",
+        env={**tier.env_a, "ER_BACKEND_API_KEY": tier.backend_key},
+    )
     pairs = [rerank_prompt(QUERY, d, DEFAULT_INSTRUCTION) for d in DOCS]
     first, second = tier.reference("rerank", pairs), tier.reference("rerank", pairs, "tiny-qwen3-reranker-b")
-    assert max(abs(a - b) for a, b in zip(first, second)) > 1e-3  # the two checkpoints score differently
+    assert max(abs(a - b) for a, b in zip(first, second, strict=True)) > 1e-3  # the two checkpoints score differently
     try:
         for checkpoint, expected in (("tiny-qwen3-reranker-b", second), ("tiny-qwen3-reranker", first)):
             t0 = time.monotonic()
-            r = httpx.post(gw.url + "/reload_model", headers=gw.auth, timeout=600,
-                           json={"kind": "reranker", "model_path": str(tier.models / checkpoint),
-                                 "max_model_len": 512, "gpu_memory_utilization": 0.9})
+            r = httpx.post(
+                gw.url + "/reload_model",
+                headers=gw.auth,
+                timeout=600,
+                json={
+                    "kind": "reranker",
+                    "model_path": str(tier.models / checkpoint),
+                    "max_model_len": 512,
+                    "gpu_memory_utilization": 0.9,
+                },
+            )
             assert r.status_code == 200, r.text
             print(f"\n[real-vLLM tier] reload to {checkpoint}: {time.monotonic() - t0:.1f} s")
             scores = gw.post("/rerank", {"query": QUERY, "documents": DOCS}).json()["scores"]
-            assert all(abs(g - w) <= 1e-5 for g, w in zip(scores, expected)), (checkpoint, scores, expected)
+            assert all(abs(g - w) <= 1e-5 for g, w in zip(scores, expected, strict=True)), (
+                checkpoint,
+                scores,
+                expected,
+            )
         # the other gateway in front of the same server noticed nothing but the swap
-        wait_until(lambda: tier.gw.post("/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200, 10,
-                   "the other gateway serving again")
+        wait_until(
+            lambda: tier.gw.post("/rerank", {"query": QUERY, "documents": DOCS}).status_code == 200,
+            10,
+            "the other gateway serving again",
+        )
     finally:
         gw.stop()
 

@@ -83,19 +83,18 @@ class _AccessWriter(threading.Thread):
     def run(self) -> None:
         done = False
         while not done:
-            lines = [self.queue.get()]
+            got = [self.queue.get()]
             while True:
                 try:
-                    lines.append(self.queue.get_nowait())
+                    got.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            if None in lines:
-                done = True
-                lines = [x for x in lines if x is not None]
+            lines = [x for x in got if x is not None]
+            done = len(lines) < len(got)  # None: stop, once what came before it is written
             if not lines:
                 continue
             try:
-                self.file.write("\n".join(lines) + "\n")  # type: ignore[arg-type]
+                self.file.write("\n".join(lines) + "\n")
                 self.file.flush()
                 if self.file.tell() >= self.max_bytes:
                     self._rotate()
@@ -131,19 +130,22 @@ class Logs:
             _JsonFormatter() if self.json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
         file_h = logging.handlers.RotatingFileHandler(
-            log_dir / GATEWAY_LOG, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups,
+            log_dir / GATEWAY_LOG,
+            maxBytes=settings.log_max_bytes,
+            backupCount=settings.log_backups,
             encoding="utf-8",
         )
         out_h = logging.StreamHandler(sys.stdout)
-        for h in (file_h, out_h):
-            h.setFormatter(fmt)
-        self._main = _LineWriter([file_h, out_h])
+        handlers: list[logging.Handler] = [file_h, out_h]
+        for handler in handlers:
+            handler.setFormatter(fmt)
+        self._main = _LineWriter(handlers)
         self._main.start()
         root = logging.getLogger()
         for h in list(root.handlers):
             if isinstance(h, logging.handlers.QueueHandler):
                 root.removeHandler(h)
-        qh = logging.handlers.QueueHandler(self._main.queue)  # type: ignore[arg-type]
+        qh = logging.handlers.QueueHandler(self._main.queue)
         root.addHandler(qh)
         root.setLevel(settings.log_level.upper())
         for name in ("uvicorn", "uvicorn.error"):
@@ -158,7 +160,13 @@ class Logs:
             self._access.start()
 
     def access(
-        self, when: str, info: RequestInfo, method: str, path: str, status: int, total_ms: float,
+        self,
+        when: str,
+        info: RequestInfo,
+        method: str,
+        path: str,
+        status: int,
+        total_ms: float,
         client: str | None,
     ) -> None:
         """One access-log line (this runs on every request).
@@ -170,13 +178,26 @@ class Logs:
         if self._access is None:
             return
         if self.json:
-            line = orjson.dumps({
-                "time": when, "request_id": info.request_id, "key": info.key_name, "method": method,
-                "path": path, "model": info.model, "status": status, "total_ms": round(total_ms, 3),
-                "upstream_ms": round(info.upstream_ms, 3), "queue_ms": round(info.queue_ms, 3),
-                "replica": info.replica, "retries": info.retries, "items": info.items, "tokens": info.tokens,
-                "client": client, **info.extra,
-            }).decode()
+            line = orjson.dumps(
+                {
+                    "time": when,
+                    "request_id": info.request_id,
+                    "key": info.key_name,
+                    "method": method,
+                    "path": path,
+                    "model": info.model,
+                    "status": status,
+                    "total_ms": round(total_ms, 3),
+                    "upstream_ms": round(info.upstream_ms, 3),
+                    "queue_ms": round(info.queue_ms, 3),
+                    "replica": info.replica,
+                    "retries": info.retries,
+                    "items": info.items,
+                    "tokens": info.tokens,
+                    "client": client,
+                    **info.extra,
+                }
+            ).decode()
             if not line.isascii():  # orjson leaves U+0085/U+2028/U+2029 raw; str.splitlines() splits on them
                 line = line.translate(_JSON_LINE_BREAKS)
         else:
@@ -188,8 +209,14 @@ class Logs:
             # \ or =, and none of them is "" or "-". (None passes as "None" and is written "-".)
             probe = f"{rid}{key}{method}{path}{model}{replica}{client}"
             if not (
-                probe.isascii() and probe.isprintable() and " " not in probe and '"' not in probe
-                and "\\" not in probe and "=" not in probe and "" not in values and "-" not in values
+                probe.isascii()
+                and probe.isprintable()
+                and " " not in probe
+                and '"' not in probe
+                and "\\" not in probe
+                and "=" not in probe
+                and "" not in values
+                and "-" not in values
             ):
                 rid, key, method, path, model, replica, client = map(log_field, values)
             # None is "-"; a real "" or "-" was quoted above, so `or` only ever replaces None.
@@ -217,7 +244,7 @@ class Logs:
 _JSON_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Everything but printable ASCII other than " and \, and printable Latin-1: what _escape_char looks at.
-_NEEDS_LOOK = re.compile(r'[^ !#-\[\]-~\xa1-\xac\xae-\xff]')
+_NEEDS_LOOK = re.compile(r"[^ !#-\[\]-~\xa1-\xac\xae-\xff]")
 
 
 def _escape_char(m: re.Match[str]) -> str:
@@ -246,8 +273,14 @@ def log_field(v: Any) -> str:
         return f"{v:.2f}"
     s = v if isinstance(v, str) else str(v)
     if (
-        s.isascii() and s.isprintable() and s and s != "-"
-        and " " not in s and '"' not in s and "\\" not in s and "=" not in s
+        s.isascii()
+        and s.isprintable()
+        and s
+        and s != "-"
+        and " " not in s
+        and '"' not in s
+        and "\\" not in s
+        and "=" not in s
     ):
         return s
     if s.isprintable():  # only quotes, backslashes, spaces or printable non-ASCII to take care of
@@ -255,12 +288,13 @@ def log_field(v: Any) -> str:
     return '"' + _NEEDS_LOOK.sub(_escape_char, s) + '"'
 
 
-_clock: list[Any] = [0, ""]
+_clock: tuple[int, str] = (0, "")
 
 
 def now_text() -> str:
     """Local time to the second, formatted once per second rather than once per request."""
+    global _clock
     now = int(time.time())
     if now != _clock[0]:
-        _clock[0], _clock[1] = now, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
-    return _clock[1]  # type: ignore[no-any-return]
+        _clock = (now, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)))
+    return _clock[1]
