@@ -20,7 +20,7 @@ class Admission:
     headers: dict[str, str]
     info: RequestInfo
     reserved: int = 0  # tokens taken from the key's budget before forwarding, settled after
-    done_tokens: int = 0  # tokens of the parts the backend answered, should the whole fail
+    done_tokens: int = 0  # tokens the backend reported for the calls it answered (dispatch.py)
 
 
 class Admitter:
@@ -73,8 +73,10 @@ class Admitter:
         adm.reserved += reserved
         adm.headers.update(headers)
 
-    async def charge_tokens(self, adm: Admission, model: str, tokens: int | None) -> None:
-        """Count what the backend reported; settle the reservation against it."""
+    async def settle(self, adm: Admission, model: str) -> None:
+        """Charge what the backend reported doing (`adm.done_tokens`, the parts that answered),
+        whether the request then succeeded or not, and settle the reservation against it."""
+        tokens = adm.done_tokens
         if tokens:
             adm.info.tokens = (adm.info.tokens or 0) + tokens
             self._on_tokens(model, adm.key.name, tokens)
@@ -83,9 +85,3 @@ class Admitter:
             await self.limiter.settle_tokens(adm.key, reserved, tokens)
         elif tokens and self.budgets_tokens(adm.key):
             await self.limiter.add_tokens(adm.key, tokens)
-
-    async def refund_tokens(self, adm: Admission) -> None:
-        """Settle a failed request's reservation to the parts the backend did answer (if any)."""
-        if adm.reserved:
-            reserved, adm.reserved = adm.reserved, 0
-            await self.limiter.settle_tokens(adm.key, reserved, adm.done_tokens or None)

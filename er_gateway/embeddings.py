@@ -9,6 +9,7 @@ and base64 strings are copied as they are).
 from __future__ import annotations
 
 import base64
+import binascii
 import math
 import sys
 from array import array
@@ -19,7 +20,6 @@ from starlette.responses import Response
 
 from .admission import Admission
 from .catalog import use_backend_name
-from .dispatch import usage_tokens
 from .errors import GatewayError
 from .protocol import EmbeddingRequest
 from .qwen3 import embedding_query
@@ -58,7 +58,8 @@ async def create_embeddings(
         if input_count(inputs) > limit:
             chunks = [inputs[i : i + limit] for i in range(0, len(inputs), limit)]
             bodies = [orjson.dumps({**data, "input": c}) for c in chunks]
-            return _merge(await rt.dispatch.fan_out(pool, PATH, bodies, adm), limit)
+            parts = await rt.dispatch.fan_out(pool, PATH, bodies, adm)
+            return _merge(parts, [len(c) for c in chunks], limit)
         return (await rt.dispatch.send(pool, PATH, orjson.dumps(data) if changed else raw, adm)).body
 
     try:
@@ -74,10 +75,8 @@ async def create_embeddings(
             body = await forward(True)
         if cut is not None:
             body = cut_vectors(body, cut)
-    except BaseException:
-        await rt.admission.refund_tokens(adm)
-        raise
-    await rt.admission.charge_tokens(adm, pool.model.name, usage_tokens(body))
+    finally:
+        await rt.admission.settle(adm, pool.model.name)
     return Response(body, media_type="application/json", headers=adm.headers)
 
 
@@ -90,7 +89,7 @@ def _cuttable(data: dict[str, Any]) -> bool:
 
 
 def _floats(packed: str) -> array[float]:
-    values = array("f", base64.b64decode(packed))
+    values = array("f", base64.b64decode(packed, validate=True))
     if sys.byteorder != "little":  # vLLM's base64 is little-endian float32
         values.byteswap()
     return values
@@ -105,18 +104,26 @@ def _packed(values: array[float]) -> str:
 def cut_vectors(body: bytes, dimensions: int) -> bytes:
     """Matryoshka in the gateway: each vector's first `dimensions` values, scaled back to unit
     length (what vLLM does for a Matryoshka model), as floats or base64 float32 as they came."""
+    bad = GatewayError(502, "backend answered with something that is not an embeddings list")
     try:
         answer = orjson.loads(body)
         items = answer["data"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        raise GatewayError(502, "backend answered with something that is not an embeddings list") from None
+        raise bad from None
+    if not isinstance(items, list):
+        raise bad
     for item in items:
-        vector = item.get("embedding")
+        vector = item.get("embedding") if isinstance(item, dict) else None
         packed = isinstance(vector, str)
-        values = _floats(vector) if packed else vector
-        if not isinstance(values, (list, array)) or dimensions > len(values):
+        try:
+            values = _floats(vector) if packed else vector  # type: ignore[arg-type]
+        except (binascii.Error, ValueError):
+            raise bad from None
+        if not isinstance(values, (list, array)) or not values or not all(isinstance(x, (int, float)) for x in values):
+            raise bad
+        if dimensions > len(values):
             raise GatewayError(
-                400, f"dimensions {dimensions} is more than the model's {len(values or [])}", param="dimensions"
+                400, f"dimensions {dimensions} is more than the model's {len(values)}", param="dimensions"
             )
         head = values[:dimensions]
         norm = math.sqrt(sum(x * x for x in head)) or 1.0
@@ -161,18 +168,21 @@ def _apply_gateway_fields(rt: Runtime, pool: Pool, req: EmbeddingRequest, data: 
     return True
 
 
-def _merge(parts: list[dict[str, Any]], size: int) -> bytes:
-    """One embeddings answer from the answers to consecutive chunks of `size` inputs."""
+def _merge(parts: list[dict[str, Any]], counts: list[int], size: int) -> bytes:
+    """One embeddings answer from the answers to consecutive chunks of `size` inputs (the chunks
+    held `counts` inputs: every answer must have one embedding per input, indexed from 0)."""
     merged = parts[0]
     items: list[dict[str, Any]] = []
     usage: dict[str, int] = {}
-    for n, part in enumerate(parts):
+    for n, (part, sent) in enumerate(zip(parts, counts, strict=True)):
         part_items = part.get("data")
         if not isinstance(part_items, list) or not all(isinstance(x, dict) for x in part_items):
             raise GatewayError(502, "backend answered with something that is not an embeddings list")
+        indexes = sorted(x.get("index") for x in part_items if isinstance(x.get("index"), int))
+        if indexes != list(range(sent)):
+            raise GatewayError(502, f"backend answered {len(part_items)} embeddings for {sent} inputs")
         for item in part_items:
-            index = item.get("index", 0)
-            item["index"] = (index if isinstance(index, int) else 0) + n * size
+            item["index"] += n * size
         items.extend(part_items)
         part_usage = part.get("usage")
         for k, v in part_usage.items() if isinstance(part_usage, dict) else ():

@@ -14,6 +14,8 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
+from limits.errors import ConfigurationError
+
 from .admission import Admitter
 from .catalog import Catalog
 from .concurrency import FairGate
@@ -26,7 +28,7 @@ from .ratelimit import RateLimiter
 from .settings import Settings, SettingsError, load_settings
 from .status import refresh_gauges
 from .tokens import TokenizerError, load_tokenizers
-from .upstream import Upstreams
+from .upstream import Replica, Upstreams
 
 log = logging.getLogger("er_gateway")
 
@@ -57,6 +59,7 @@ class Gateway:
         per_worker = max(1, -(-settings.max_concurrency // settings.workers))
         per_key = max(1, -(-settings.per_key_concurrency // settings.workers))
         self.gate = FairGate(per_worker, per_key, settings.queue_timeout)
+        self.replicas: dict[str, Replica] = {}  # every backend URL's state, across reloads
         self.runtime = self._build(settings, load_tokenizers(settings.models), None)
         self.manager = ModelManager(lambda: (self.runtime.settings, self.runtime.upstreams))
         self._tasks: set[asyncio.Task[None]] = set()
@@ -70,7 +73,9 @@ class Gateway:
         storage = None
         if previous is not None:
             before = previous.settings
-            if (before.redis_url, before.redis_timeout) == (settings.redis_url, settings.redis_timeout):
+            if before.redis_url == settings.redis_url and (
+                settings.redis_url is None or before.redis_timeout == settings.redis_timeout
+            ):
                 storage = previous.admission.limiter.storage
         limiter = RateLimiter(
             settings.rate_limit,
@@ -86,7 +91,7 @@ class Gateway:
         upstreams = Upstreams(
             settings,
             on_error=lambda model, replica, kind: m.upstream_errors.labels(model, replica, kind).inc(),
-            previous=previous.upstreams if previous else None,
+            registry=self.replicas,
         )
         return Runtime(
             settings=settings,
@@ -157,14 +162,14 @@ class Gateway:
         """Re-read the config file and keys; build a new Runtime and swap it in."""
         if self.manager.busy:
             raise GatewayError(409, "a model reload is in progress; try again when it has answered")
+        old = self.runtime
         try:
             new = load_settings(self.cli_overrides)
-            self.keys.reload()
             tokenizers = load_tokenizers(new.models)
-        except (SettingsError, KeysFileError, FileNotFoundError, TokenizerError) as e:
+            rt = self._build(new, tokenizers, old)
+            self.keys.reload()  # last: a reload that fails changes nothing
+        except (SettingsError, KeysFileError, FileNotFoundError, TokenizerError, ValueError, ConfigurationError) as e:
             raise GatewayError(400, f"reload failed, old configuration kept: {e}") from None
-        old = self.runtime
-        rt = self._build(new, tokenizers, old)
         await rt.upstreams.start(first_check=False)
         self.runtime = rt
         old.retired = True

@@ -7,6 +7,7 @@ itself (the `swagger-ui-py` package's files), so it works where GPU hosts have n
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.responses import Response
 
 from . import __version__
+from .errors import GatewayError
 from .protocol import ErrorEnvelope
 
 if TYPE_CHECKING:
@@ -113,17 +115,23 @@ def _static_dir() -> Path | None:
     return path if all((path / a).is_file() for a in DOCS_ASSETS) else None
 
 
-_ASSETS: dict[str, bytes] = {}
+_ASSETS: dict[str, tuple[bytes, str]] = {}  # name -> (content, ETag), read on first use
 
 
-def docs_asset(name: str) -> Response:
+def docs_asset(name: str, if_none_match: str | None) -> Response:
+    """One of Swagger UI's files, cacheable (ETag, a day's max-age): a browser fetches it once."""
     if name not in _ASSETS:
         static = _static_dir()
         if static is None:
-            return Response(b"Swagger UI files are not installed (pip install swagger-ui-py)", 404)
-        _ASSETS[name] = (static / name).read_bytes()
+            return GatewayError(404, "Swagger UI's files are not installed (pip install swagger-ui-py)").response()
+        content = (static / name).read_bytes()
+        _ASSETS[name] = content, '"' + hashlib.sha256(content).hexdigest()[:32] + '"'
+    content, etag = _ASSETS[name]
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=86400"}
+    if if_none_match == etag:
+        return Response(status_code=304, headers=headers)
     media = "text/css" if name.endswith(".css") else "application/javascript"
-    return Response(_ASSETS[name], media_type=media, headers={"Cache-Control": "public, max-age=86400"})
+    return Response(content, media_type=media, headers=headers)
 
 
 def docs_html(openapi_url: str) -> str:

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from .admission import Admission
 from .catalog import use_backend_name
-from .dispatch import usage_tokens
+from .dispatch import gather_all
 from .errors import GatewayError
 from .protocol import RerankRequest, ScoreRequest
 from .qwen3 import rerank_document_part, rerank_query_part
@@ -56,10 +56,8 @@ async def rerank(rt: Runtime, adm: Admission, req: RerankRequest, *, ranked: boo
         await rt.admission.reserve_tokens(adm, await _estimate(rt, pool, req.query, sent, instruction, counts))
     try:
         scores, tokens = await score(rt, pool, adm, req.query, sent, instruction, req.truncate_prompt_tokens)
-    except BaseException:
-        await rt.admission.refund_tokens(adm)
-        raise
-    await rt.admission.charge_tokens(adm, model.name, tokens)
+    finally:
+        await rt.admission.settle(adm, model.name)
 
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
     if req.top_n:
@@ -230,10 +228,8 @@ async def score_passthrough(
         await rt.admission.reserve_tokens(adm, await estimate_score_tokens(rt, pool, data))
     try:
         result = await rt.dispatch.send(pool, "/score", body, adm)
-    except BaseException:
-        await rt.admission.refund_tokens(adm)
-        raise
-    await rt.admission.charge_tokens(adm, pool.model.name, usage_tokens(result.body))
+    finally:
+        await rt.admission.settle(adm, pool.model.name)
     return Response(result.body, media_type="application/json", headers=adm.headers)
 
 
@@ -273,7 +269,7 @@ async def _name_too_long(
             return int(tok_answer.get("count", 0))
 
         try:
-            counts = list(await asyncio.gather(*(count(d) for d in docs)))
+            counts = await gather_all(count(d) for d in docs)
         except (GatewayError, ValueError, TypeError):
             return error
     if not limit:
@@ -345,4 +341,4 @@ async def _truncate(
             kept: str = _value(await rt.dispatch.json(pool, "/detokenize", orjson.dumps(back), adm), "prompt", str)
             return kept
 
-    return list(await asyncio.gather(*(one(t) for t in texts))), None
+    return await gather_all(one(t) for t in texts), None

@@ -269,7 +269,7 @@ async def docs(c: Call) -> Response:
 
 def _asset_route(name: str) -> Route:
     async def serve(c: Call) -> Response:
-        return docs_asset(name)
+        return docs_asset(name, c.request.headers.get("if-none-match"))
 
     return Route("GET", f"/docs/{name}", serve, name, "docs", key=False, documented=False)
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from limits import parse as parse_limit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .httpclient import check_backend_url
@@ -127,6 +128,16 @@ class Settings(BaseModel):
     @classmethod
     def _split(cls, v: Any) -> Any:
         return backend_urls(v)
+
+    @field_validator("rate_limit", "token_limit")
+    @classmethod
+    def _limit_spec(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_limit(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not a limit like 100/minute or 1000/hour") from None
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod

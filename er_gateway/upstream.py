@@ -30,8 +30,11 @@ ErrorHook = Callable[[str, str, str], None]
 
 @dataclass(eq=False)
 class Replica:
+    """What the gateway knows of one backend URL. One object per URL for the life of the process
+    (a reload's new pools share it), so health, ejection, in-flight counts and draining hold for
+    requests on every configuration; the HTTP client is the configuration's (Upstreams.clients)."""
+
     url: str
-    client: HTTPPool
     outstanding: int = 0
     # Active health: False only after a failed check or a refused connection.
     healthy: bool = True
@@ -79,6 +82,7 @@ class Pool:
     model: ModelConfig
     replicas: list[Replica]
     settings: Settings
+    clients: dict[str, HTTPPool]  # by replica URL, this configuration's
     on_error: ErrorHook | None = None
     # Set when the backend refused `dimensions` (not started as a Matryoshka model): the gateway
     # then cuts the vectors itself (embeddings.py).
@@ -166,7 +170,7 @@ class Pool:
             # Failures another replica may not have (connect errors, broken connections, 503)
             # are retried there; everything else is final.
             try:
-                resp = await replica.client.request("POST", path, body, headers)
+                resp = await self.clients[replica.url].request("POST", path, body, headers)
             except ConnectError as e:
                 self._fail(replica, "connect", f"cannot connect: {e}", down=True)
                 last = GatewayError(
@@ -227,6 +231,13 @@ class Pool:
             raise GatewayError(502, f"backend error ({status}): {message}")
         raise GatewayError(status, message, param=param)
 
+    def bad_answer(self, url: str, message: str) -> None:
+        """A 2xx answer from `url` that is not what the endpoint answers: count it as a failure."""
+        for replica in self.replicas:
+            if replica.url == url:
+                self._fail(replica, "bad_answer", message)
+                return
+
     def describe(self, replica: Replica) -> str:
         """How client-facing messages name a replica: model and index, never an address.
 
@@ -249,21 +260,22 @@ class Pool:
 class Upstreams:
     """All pools of one configuration, one HTTP client per backend URL, and the health checks.
 
-    Built anew by a reload (new clients: a changed timeout or backend key applies to the next
-    request), taking over what `previous` knew of each URL (health, served names), so a reload
-    does not send traffic to a replica known to be down.
+    Built anew by a reload, with new clients (a changed timeout or backend key applies to the
+    next request). The replicas come from `registry`, which the gateway keeps across reloads:
+    what is known of a URL (health, served names, requests in flight, draining) is the same
+    object for the old pools and the new.
     """
 
     def __init__(
-        self, settings: Settings, on_error: ErrorHook | None = None, previous: Upstreams | None = None
+        self, settings: Settings, on_error: ErrorHook | None = None, registry: dict[str, Replica] | None = None
     ) -> None:
         self.settings = settings
         self.on_error = on_error
         self.clients: dict[str, HTTPPool] = {}
         self.pools: dict[str, Pool] = {}
         self.served: dict[str, ModelConfig] = {}  # names the backends report, to their model
+        self.registry = {} if registry is None else registry
         self._task: asyncio.Task[None] | None = None
-        self._known = {r.url: r for r in previous.replicas()} if previous else {}
 
     def _client(self, url: str) -> HTTPPool:
         client = self.clients.get(url)
@@ -281,21 +293,15 @@ class Upstreams:
             )
         return client
 
-    def _replica(self, url: str) -> Replica:
-        r = Replica(url, self._client(url))
-        old = self._known.get(url)
-        if old is not None:
-            r.healthy, r.ejected_until, r.last_error = old.healthy, old.ejected_until, old.last_error
-            r.latency_ms, r.served, r.max_model_len = old.latency_ms, old.served, old.max_model_len
-        return r
-
     def build(self, models: list[ModelConfig]) -> dict[str, Pool]:
         """Pools for `models`; a URL two models share is one replica with one client."""
-        made: dict[str, Replica] = {}
         pools: dict[str, Pool] = {}
         for m in models:
-            replicas = [made[u] if u in made else made.setdefault(u, self._replica(u)) for u in m.urls]
-            pools[m.name] = Pool(m, replicas, self.settings, self.on_error)
+            replicas = []
+            for url in m.urls:
+                self._client(url)
+                replicas.append(self.registry.get(url) or self.registry.setdefault(url, Replica(url)))
+            pools[m.name] = Pool(m, replicas, self.settings, self.clients, self.on_error)
         return pools
 
     async def start(self, *, first_check: bool = True) -> None:
@@ -324,7 +330,7 @@ class Upstreams:
     async def check(self, replica: Replica) -> None:
         start = time.perf_counter()
         try:
-            resp = await replica.client.request("GET", "/health", timeout=self.settings.health_timeout)
+            resp = await self.clients[replica.url].request("GET", "/health", timeout=self.settings.health_timeout)
             ok = resp.status == 200
             error = None if ok else f"health: HTTP {resp.status}"
         except (UpstreamError, TimeoutError) as e:
@@ -351,7 +357,7 @@ class Upstreams:
         `MODEL_SIZE=4B`) is followed within one interval. A backend without the endpoint, or
         with an answer of another shape, keeps what was known: names only ever come from vLLM.
         """
-        resp = await replica.client.request("GET", "/v1/models", timeout=self.settings.health_timeout)
+        resp = await self.clients[replica.url].request("GET", "/v1/models", timeout=self.settings.health_timeout)
         if resp.status != 200 or len(resp.body) > MODELS_MAX_BYTES:
             return  # a real vLLM lists one model in a few hundred bytes: anything huge is not one
         try:

@@ -3,7 +3,7 @@
 Deterministic: an embedding is derived from a hash of the input, a score from
 word overlap and a hash, so the gateway's output can be checked exactly.
 Faults vLLM cannot be made to produce on demand are switched on with
-POST /_admin (delay, 500, 503, garbage, flat pre-0.10.1 errors, hang,
+POST /_admin (delay, 500, 503, garbage, truncated JSON, flat pre-0.10.1 errors, hang,
 drop the connection). GET /_stats reports concurrency and the last headers.
 
 `--step-time T --step-capacity K` model vLLM's scheduler: requests queue first come, first
@@ -149,6 +149,8 @@ class Fake:
                 return self.error(503, "The server is overloaded", "ServiceUnavailableError")
             if fault == "garbage":
                 return web.Response(body=b"<html>oops</html>", status=200, content_type="text/html")
+            if fault == "truncated":  # the start of a JSON answer, cut off (a broken proxy in between)
+                return web.Response(body=b'{"object": "list", "data": [', status=200, content_type="application/json")
             if fault == "hang":
                 await asyncio.sleep(3600)
             if fault == "drop":

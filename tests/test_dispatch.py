@@ -126,3 +126,42 @@ def test_non_json_from_tokenize_is_a_502(tmp_path: Path) -> None:
     finally:
         gw.stop()
         rer.stop()
+
+
+def test_half_a_json_answer_is_a_502_and_ejects_the_replica(tmp_path: Path) -> None:
+    """An answer that starts like JSON and is cut off is not passed through as a 200."""
+    emb = start_backend(tmp_path, "embedding")
+    gw = start_gateway(tmp_path / "gw", "--embedding-url", emb.url, "--reranker-url", "none")
+    try:
+        emb.admin(fault="truncated")
+        r = gw.post("/v1/embeddings", {"input": "x"})
+        assert r.status_code == 502, r.text
+        assert "not a JSON object" in r.json()["error"]["message"]
+        replica = gw.get("/health").json()["models"]["Qwen3-Embedding-0.6B"]["replicas"][0]
+        assert replica["last_error"].startswith("bad_answer:")
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert 'er_upstream_errors_total{kind="bad_answer",model="Qwen3-Embedding-0.6B",replica="0"} 1.0' in metrics
+    finally:
+        gw.stop()
+        emb.stop()
+
+
+def test_no_upstream_call_outlives_its_request(tmp_path: Path) -> None:
+    """Nine documents truncated through vLLM's /tokenize, four at a time, all failing: the answer
+    comes once every call has finished, so none runs on (holding a slot) after it."""
+    rer = start_backend(tmp_path, "rerank", name="plain-reranker")
+    gw = start_gateway(
+        tmp_path / "gw", "--embedding-url", "none", "--reranker-url", rer.url, "--reranker-model", "plain-reranker"
+    )
+    try:
+        rer.admin(fault="503", fault_path="/tokenize", delay=0.2)
+        body = {"query": "q", "documents": [f"document {i} " * 20 for i in range(9)], "max_length": 4}
+        r = gw.post("/v1/rerank", body)
+        assert r.status_code == 503, r.text
+        calls = rer.stats()["by_path"]["/tokenize"]
+        time.sleep(0.6)  # three more rounds of 0.2 s, had anything been left running
+        assert rer.stats()["by_path"]["/tokenize"] == calls
+        assert rer.stats()["current"] == 0
+    finally:
+        gw.stop()
+        rer.stop()

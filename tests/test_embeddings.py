@@ -8,9 +8,11 @@ import struct
 from pathlib import Path
 
 import orjson
+import pytest
 from conftest import backend_args, start_backend, start_gateway
 
-from er_gateway.embeddings import cut_vectors
+from er_gateway.embeddings import _merge, cut_vectors
+from er_gateway.errors import GatewayError
 
 
 def unit(v: list[float]) -> list[float]:
@@ -55,3 +57,31 @@ def test_dimensions_in_front_of_a_vllm_that_refuses_them(tmp_path: Path) -> None
     finally:
         for p in (gw, emb, rer):
             p.stop()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"data": [{"embedding": "!!!!"}]}',  # not base64
+        b'{"data": [{"embedding": "AAA"}]}',  # base64 of no whole float32
+        b'{"data": ["x"]}',
+        b'{"data": {"embedding": [1.0]}}',
+        b'{"data": [{"embedding": ["a", "b", "c"]}]}',
+        b'{"data": [{"embedding": {"x": 1}}]}',
+    ],
+)
+def test_cutting_a_broken_answer_is_the_backends_fault(answer: bytes) -> None:
+    """The gateway's own `dimensions` cut on a hostile answer: a 502, never a 500 or the client's 400."""
+    with pytest.raises(GatewayError) as e:
+        cut_vectors(answer, 2)
+    assert e.value.status == 502
+
+
+def test_merged_parts_must_answer_every_input() -> None:
+    with pytest.raises(GatewayError) as e:
+        _merge([{"data": [{"index": 0}, {"index": 1}]}, {"data": [{"index": 0}]}], [2, 2], 2)
+    assert e.value.status == 502 and "1 embeddings for 2 inputs" in e.value.message
+    with pytest.raises(GatewayError):
+        _merge([{"data": [{"index": 0}, {"index": 0}]}], [2], 2)
+    merged = orjson.loads(_merge([{"data": [{"index": 1}, {"index": 0}]}, {"data": [{"index": 0}]}], [2, 1], 2))
+    assert [d["index"] for d in merged["data"]] == [1, 0, 2]

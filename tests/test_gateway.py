@@ -33,12 +33,49 @@ def test_reload_applies_timeout_and_backend_key_to_the_next_request(tmp_path: Pa
         cfg.write_text("timeout: 0.3\nbackend_api_key: key-b\n")
         wait_until(lambda: emb.stats()["current"] >= 1, 5, "the slow request upstream")
         assert gw.post("/reload_model").status_code == 200
+        # the new configuration sees the request the old one is serving (one state per URL):
+        # a managed restart waits for it
+        replica = gw.get("/health").json()["models"]["Qwen3-Embedding-0.6B"]["replicas"][0]
+        assert replica["outstanding"] == 1
         t.join(10)
         assert slow and slow[0].status_code == 200, "the in-flight request finishes on its old pool"
 
         r = gw.post("/v1/embeddings", {"input": "next"})
         assert r.status_code == 504, r.text
         assert "0.3 s" in r.json()["error"]["message"]
+    finally:
+        gw.stop()
+        emb.stop()
+
+
+def test_reload_keeps_rate_limit_counts_and_refuses_a_bad_config(tmp_path: Path) -> None:
+    """A reload must not hand every key a fresh budget (memory counters are kept, whatever else
+    changed), and a config it cannot apply changes nothing: 400, old configuration kept."""
+    emb = start_backend(tmp_path, "embedding")
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("rate_limit: 10/minute\n")
+    gw = start_gateway(
+        tmp_path / "gw", "--config", str(cfg), "--embedding-url", emb.url, "--reranker-url", "none", admin_key=False
+    )
+    try:
+        user = gw.cli("keys", "create", "--name", "user").stdout.strip()
+        admin = gw.cli("keys", "create", "--name", "ops", "--admin", "--rate-limit", "1000/minute").stdout.strip()
+        wait_until(lambda: gw.get("/v1/models", key=user).status_code == 200, 5, "keys reloaded")
+        for _ in range(2):
+            r = gw.post("/v1/embeddings", {"input": "x"}, key=user)
+        assert r.headers["X-RateLimit-Remaining"] == "7", r.headers
+
+        cfg.write_text("rate_limit: 10/minute\nredis_timeout: 0.7\nmax_retries: 1\n")
+        assert gw.post("/reload_model", key=admin).status_code == 200
+        r = gw.post("/v1/embeddings", {"input": "x"}, key=user)
+        assert r.headers["X-RateLimit-Remaining"] == "6", r.headers
+
+        cfg.write_text("rate_limit: lots\n")
+        r = gw.post("/reload_model", key=admin)
+        assert r.status_code == 400, r.text
+        assert "old configuration kept" in r.json()["error"]["message"] and "lots" in r.json()["error"]["message"]
+        r = gw.post("/v1/embeddings", {"input": "x"}, key=user)
+        assert r.status_code == 200 and r.headers["X-RateLimit-Remaining"] == "5"
     finally:
         gw.stop()
         emb.stop()
