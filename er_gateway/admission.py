@@ -45,6 +45,17 @@ class Admitter:
                 raise
         return Admission(key, headers, info)
 
+    def authenticate(self, api_key: str | None) -> ApiKey:
+        return self.keys.authenticate(api_key)
+
+    async def check_requests(self, adm: Admission) -> None:
+        """401/429 now if the key has no request left (before reading a body that costs several)."""
+        adm.headers.update(await self.limiter.check_request(adm.key))
+
+    async def count_requests(self, adm: Admission, cost: int) -> None:
+        """Charge `cost` requests to the key at once (429 if they do not all fit)."""
+        adm.headers.update(await self.limiter.hit_request(adm.key, cost=cost))
+
     def is_admin(self, api_key: str | None) -> bool:
         """Whether `api_key` is a valid admin key (for pages that are public otherwise)."""
         if api_key is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
 from typing import Any, TypeVar
 
@@ -88,6 +88,15 @@ class Dispatcher:
             return [await self.json(pool, path, bodies[0], adm)]
         return await gather_all(self.json(pool, path, b, adm) for b in bodies)
 
+    async def split(
+        self, pool: Pool, path: str, items: list[Any], size: int, body: Callable[[list[Any]], bytes], adm: Admission
+    ) -> list[tuple[list[Any], dict[str, Any]]]:
+        """`items` in consecutive chunks of at most `size`, `body(chunk)` sent for each (fan_out):
+        (chunk, its decoded answer) in order."""
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        parts = await self.fan_out(pool, path, [body(c) for c in chunks], adm)
+        return list(zip(chunks, parts, strict=True))
+
     @staticmethod
     def _not_json(pool: Pool, path: str, result: UpstreamResult) -> GatewayError:
         # A replica answering 200 with something else is broken: ejected like one that errs.
@@ -95,12 +104,21 @@ class Dispatcher:
         return GatewayError(502, f"backend answered {path} with something that is not a JSON object")
 
 
-async def gather_all(aws: Iterable[Awaitable[T]]) -> list[T]:
-    """Run every awaitable to its end, then raise the first failure in order, if any.
+async def gather_all(aws: Iterable[Awaitable[T]], *, limit: int | None = None) -> list[T]:
+    """Run every awaitable to its end (at most `limit` at once), then raise the first failure in
+    order, if any.
 
     Unlike a plain gather, nothing is left running once the request has answered: an orphaned
     upstream call would hold a concurrency slot and spend backend time nobody waits for.
     """
+    if limit is not None:
+        sem = asyncio.Semaphore(limit)
+
+        async def bounded(aw: Awaitable[T]) -> T:
+            async with sem:
+                return await aw
+
+        aws = [bounded(aw) for aw in aws]
     results = await asyncio.gather(*aws, return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):

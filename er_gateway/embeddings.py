@@ -56,10 +56,10 @@ async def create_embeddings(
 
     async def forward(changed: bool) -> bytes:
         if input_count(inputs) > limit:
-            chunks = [inputs[i : i + limit] for i in range(0, len(inputs), limit)]
-            bodies = [orjson.dumps({**data, "input": c}) for c in chunks]
-            parts = await rt.dispatch.fan_out(pool, PATH, bodies, adm)
-            return _merge(parts, [len(c) for c in chunks], limit)
+            parts = await rt.dispatch.split(
+                pool, PATH, inputs, limit, lambda c: orjson.dumps({**data, "input": c}), adm
+            )
+            return _merge(parts, limit)
         return (await rt.dispatch.send(pool, PATH, orjson.dumps(data) if changed else raw, adm)).body
 
     try:
@@ -168,13 +168,14 @@ def _apply_gateway_fields(rt: Runtime, pool: Pool, req: EmbeddingRequest, data: 
     return True
 
 
-def _merge(parts: list[dict[str, Any]], counts: list[int], size: int) -> bytes:
-    """One embeddings answer from the answers to consecutive chunks of `size` inputs (the chunks
-    held `counts` inputs: every answer must have one embedding per input, indexed from 0)."""
-    merged = parts[0]
+def _merge(parts: list[tuple[list[Any], dict[str, Any]]], size: int) -> bytes:
+    """One embeddings answer from (chunk of inputs, its answer) for consecutive chunks of `size`:
+    every answer must have one embedding per input of its chunk, indexed from 0."""
+    merged = parts[0][1]
     items: list[dict[str, Any]] = []
     usage: dict[str, int] = {}
-    for n, (part, sent) in enumerate(zip(parts, counts, strict=True)):
+    for n, (chunk, part) in enumerate(parts):
+        sent = len(chunk)
         part_items = part.get("data")
         if not isinstance(part_items, list) or not all(isinstance(x, dict) for x in part_items):
             raise GatewayError(502, "backend answered with something that is not an embeddings list")

@@ -24,9 +24,10 @@ from .errors import GatewayError
 from .keys import KeysFileError, KeyStore
 from .manage import ModelManager
 from .observability import Metrics, Recent
+from .protocol import ReloadModelRequest
 from .ratelimit import RateLimiter
 from .settings import Settings, SettingsError, load_settings
-from .status import refresh_gauges
+from .status import refresh_gauges, snapshot
 from .tokens import TokenizerError, load_tokenizers
 from .upstream import Replica, Upstreams
 
@@ -44,9 +45,21 @@ class Runtime:
     dispatch: Dispatcher
     users: int = 0  # requests running on it
     retired: bool = False  # replaced by a reload: closed when `users` drops to 0
+    closed: bool = False
 
     async def close(self) -> None:
-        await self.upstreams.close()
+        if not self.closed:
+            self.closed = True
+            await self.upstreams.close()
+
+
+# Settings a reload cannot change: the process was built with them (server socket, workers,
+# concurrency gate, keys file, front door, logs). A reload that changes one says so.
+RESTART_ONLY = (
+    "host", "port", "workers", "max_concurrency", "max_concurrency_per_key", "queue_timeout", "keys_file",
+    "header_timeout", "max_header_bytes", "keepalive_timeout", "max_connections", "ssl_certfile", "ssl_keyfile",
+    "log_dir", "log_level", "log_format", "log_max_bytes", "log_backups", "access_log",
+)  # fmt: skip
 
 
 class Gateway:
@@ -63,6 +76,7 @@ class Gateway:
         self.runtime = self._build(settings, load_tokenizers(settings.models), None)
         self.manager = ModelManager(lambda: (self.runtime.settings, self.runtime.upstreams))
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retired: list[Runtime] = []  # replaced by a reload, not closed yet
 
     @property
     def settings(self) -> Settings:
@@ -115,7 +129,8 @@ class Gateway:
     async def stop(self) -> None:
         for t in list(self._tasks):
             t.cancel()
-        await self.runtime.close()
+        for rt in (*self._retired, self.runtime):
+            await rt.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -137,6 +152,21 @@ class Gateway:
     def refresh_gauges(self) -> None:
         refresh_gauges(self.metrics, self.gate, self.runtime.upstreams)
 
+    # ---- what the operational routes show ------------------------------------------------------
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition, gauges refreshed first."""
+        self.refresh_gauges()
+        return self.metrics.exposition()
+
+    def status(self, rt: Runtime, *, admin: bool) -> dict[str, Any]:
+        return snapshot(rt.catalog, self.gate, self.recent, shared_limits=rt.admission.limiter.shared, admin=admin)
+
+    async def restart_models(self, req: ReloadModelRequest) -> dict[str, Any]:
+        """`/reload_model` with a body: restart a kind's vLLM servers (409 unless managed)."""
+        if not self.settings.manage_models:
+            raise self.manager.refuse_unmanaged(req)
+        return await self.manager.reload(req)
+
     # ---- requests and reloads ----------------------------------------------------------------
     def enter(self) -> Runtime:
         """The configuration a request runs on, start to end (pair with `leave`)."""
@@ -147,7 +177,12 @@ class Gateway:
     def leave(self, rt: Runtime) -> None:
         rt.users -= 1
         if rt.retired and rt.users == 0:
-            self._spawn(rt.close())
+            self._spawn(self._close_retired(rt))
+
+    async def _close_retired(self, rt: Runtime) -> None:
+        await rt.close()
+        if rt in self._retired:
+            self._retired.remove(rt)
 
     def reload_keys(self) -> bool:
         try:
@@ -174,7 +209,11 @@ class Gateway:
         self.runtime = rt
         old.retired = True
         old.upstreams.stop_checks()
+        self._retired.append(old)
         if old.users == 0:
-            self._spawn(old.close())
+            self._spawn(self._close_retired(old))
         log.info("configuration reloaded: %s", ", ".join(m.name for m in new.models))
-        return rt.catalog.model_table()
+        kept = [f for f in RESTART_ONLY if getattr(old.settings, f) != getattr(new, f)]
+        if kept:
+            log.warning("reload: %s changed but take effect only on a restart", ", ".join(kept))
+        return {**rt.catalog.model_table(), **({"restart_needed": kept} if kept else {})}

@@ -31,9 +31,11 @@ ERROR_MEANINGS = {
     408: "The request body did not arrive within --body-timeout",
     409: "A reload cannot be done now (unmanaged servers, or one already running)",
     413: "Body over --max-body-bytes or --max-json-values",
-    429: "Rate or token limit reached, or the concurrency queue is full; see Retry-After",
+    429: "The key's request or token limit is reached; see Retry-After and X-RateLimit-*",
+    500: "A bug in the gateway (logged with its traceback); never caused by what a client sends",
     502: "The backend failed or answered something that is not a valid answer",
-    503: "No healthy backend replica; see Retry-After",
+    503: "No healthy backend replica, no concurrency slot within --queue-timeout, or the rate-limit "
+    "storage is down with --redis-failure-mode closed; see Retry-After",
     504: "The backend did not answer within --timeout",
 }
 DOCS_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
@@ -44,7 +46,7 @@ def document(routes: tuple[Route, ...]) -> dict[str, Any]:
     shown = [r for r in routes if r.documented]
     models: dict[type[BaseModel], None] = {ErrorEnvelope: None}
     for r in shown:
-        for m in (r.body, r.answer):
+        for m in (r.body, r.answer, *(model for _, model in r.other)):
             if m is not None:
                 models[m] = None
     _, schemas = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
@@ -87,22 +89,24 @@ def _operation(r: Route) -> dict[str, Any]:
         examples = extra.get("examples") if isinstance(extra, dict) else None
         if isinstance(examples, list) and examples:
             media["example"] = examples[0]
-        op["requestBody"] = {"required": r.path != "/reload_model", "content": {"application/json": media}}
+        op["requestBody"] = {"required": r.body_required, "content": {"application/json": media}}
     ok: dict[str, Any] = {"description": "OK"}
     if r.answer is not None:
         ok["content"] = {r.media: {"schema": _ref(r.answer)}}
-    elif r.path == "/batch_rerank":
-        item = {"anyOf": [{"$ref": "#/components/schemas/RerankResponse"}, _ref(ErrorEnvelope)]}
-        ok["content"] = {"application/json": {"schema": {"type": "array", "items": item}}}
     else:
         ok["content"] = {
             r.media: {"schema": {"type": "string"} if r.media != "application/json" else {"type": "object"}}
         }
     op["responses"] = {"200": ok}
-    for code in r.errors:
+    for code in (*r.errors, 500):
         op["responses"][str(code)] = {
             "description": ERROR_MEANINGS.get(code, "Error"),
             "content": {"application/json": {"schema": _ref(ErrorEnvelope)}},
+        }
+    for code, model in r.other:
+        op["responses"][str(code)] = {
+            "description": ERROR_MEANINGS.get(code, "Error"),
+            "content": {"application/json": {"schema": _ref(model)}},
         }
     return op
 

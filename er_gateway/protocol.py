@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictInt, StrictStr, field_validator, model_validator
 
+from .errors import GatewayError
 from .settings import KIND_ALIASES
 
 TokenIds = list[StrictInt]
@@ -87,10 +88,24 @@ class RerankRequest(BaseModel):
 class ReloadModelRequest(BaseModel):
     """`POST /reload_model` with a body: restart one kind's vLLM servers with new settings.
 
-    An empty body (or `{}`) re-reads the config and keys files instead.
+    An empty body (or `{}`) re-reads the config and keys files instead. `kind` takes
+    `reranker`/`rerank` or `embedding`.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "kind": "reranker",
+                    "model_path": "Qwen/Qwen3-Reranker-4B",
+                    "model_size": "4B",
+                    "gpu_memory_utilization": 0.9,
+                    "max_model_len": 8192,
+                },
+            ]
+        },
+    )
 
     kind: Literal["embedding", "rerank"] = "rerank"
     model_path: StrictStr | None = Field(None, min_length=1)
@@ -119,6 +134,8 @@ class ReloadModelRequest(BaseModel):
 
 
 ScoreText = Union[StrictStr, list[StrictStr]]
+# The (first, second) field pairs some vLLM version's /score takes.
+SCORE_PAIRS = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"), ("data_1", "data_2"))
 
 
 class ScoreRequest(BaseModel):
@@ -137,7 +154,8 @@ class ScoreRequest(BaseModel):
                     "text_1": "what is a panda?",
                     "text_2": ["The giant panda is a bear."],
                 },
-            ]
+            ],
+            "anyOf": [{"required": list(pair)} for pair in SCORE_PAIRS],
         },
     )
 
@@ -145,9 +163,34 @@ class ScoreRequest(BaseModel):
     text_1: ScoreText | None = Field(None, min_length=1)
     text_2: ScoreText | None = Field(None, min_length=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_pair(cls, data: Any) -> Any:
+        # A GatewayError passes through pydantic as it is, so the 400 names the field at fault.
+        if isinstance(data, dict):
+            if not any(a in data and b in data for a, b in SCORE_PAIRS):
+                raise GatewayError(400, "'text_1' and 'text_2' are required", param="text_1")
+            for f in dict.fromkeys(f for pair in SCORE_PAIRS for f in pair):
+                if f in data and (data[f] == [] or data[f] == ""):
+                    raise GatewayError(400, f"'{f}' must not be empty", param=f)
+        return data
+
 
 class BatchRerankRequest(BaseModel):
     """`POST /batch_rerank`: rerank requests answered in order (a bare JSON list works too)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "requests": [
+                        {"query": "what is a panda?", "documents": ["The giant panda is a bear.", "Paris."]},
+                        {"query": "capital of France", "documents": ["Paris is the capital of France."]},
+                    ]
+                },
+            ]
+        }
+    )
 
     requests: list[RerankRequest] = Field(min_length=1)
 
@@ -211,6 +254,10 @@ class RerankResponse(BaseModel):
     results: list[RerankResult] = Field(description="best first, at most top_n")
     scores: list[float] | None = None
     ranked_documents: list[RankedDocument] | None = None
+
+
+class BatchRerankResponse(RootModel[list[Union[RerankResponse, ErrorEnvelope]]]):
+    """One entry per request, in order: its rerank answer, or its own error envelope."""
 
 
 class ScoreItem(BaseModel):

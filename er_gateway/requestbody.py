@@ -148,19 +148,6 @@ def check_documents(data: dict[str, Any], settings: Settings, fields: tuple[str,
             raise _too_many(f, len(docs), settings.max_documents, "--max-documents", "documents")
 
 
-SCORE_PAIRS = (("text_1", "text_2"), ("queries", "documents"), ("queries", "items"), ("data_1", "data_2"))
-
-
-def check_score_pairs(data: dict[str, Any]) -> None:
-    """A /score body names one of the pairs some vLLM version takes, none of them empty."""
-    if not any(a in data and b in data for a, b in SCORE_PAIRS):
-        raise GatewayError(400, "'text_1' and 'text_2' are required", param="text_1")
-    for a, b in SCORE_PAIRS:
-        for f in (a, b):
-            if f in data and (data[f] == [] or data[f] == ""):
-                raise GatewayError(400, f"'{f}' must not be empty", param=f)
-
-
 def check_batch(items: list[Any], settings: Settings) -> None:
     if len(items) > settings.max_batch_items:
         raise _too_many("requests", len(items), settings.max_batch_items, "--max-batch-items", "requests")

@@ -15,7 +15,6 @@ Prompt modes (per model, `prompt:` in the config):
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -187,8 +186,6 @@ async def score(
         docs = [rerank_document_part(d) for d in documents]
     else:
         text_1, docs = query, documents
-    size = rt.settings.max_batch_docs
-    chunks = [docs[i : i + size] for i in range(0, len(docs), size)]
     base: dict[str, Any] = {**pool.model_field(), "text_1": text_1}
     if model.prompt == "server":
         # vLLM >= 0.32 hands these to the score template as its `instruction` variable.
@@ -196,16 +193,17 @@ async def score(
         base["chat_template_kwargs"] = {"instruction": instruction}
     if truncate is not None:
         base["truncate_prompt_tokens"] = truncate
-    bodies = [orjson.dumps({**base, "text_2": c}) for c in chunks]
     try:
-        parts = await rt.dispatch.fan_out(pool, "/score", bodies, adm)
+        parts = await rt.dispatch.split(
+            pool, "/score", docs, rt.settings.max_batch_docs, lambda c: orjson.dumps({**base, "text_2": c}), adm
+        )
     except GatewayError as e:
         if e.status == 400 and "context length" in e.message:
             raise await _name_too_long(rt, pool, adm, text_1, docs, e) from None
         raise
     scores: list[float] = []
     tokens = 0
-    for chunk, data in zip(chunks, parts, strict=True):
+    for chunk, data in parts:
         try:
             part = sorted(data["data"], key=lambda d: d["index"])
             if len(part) != len(chunk):
@@ -258,18 +256,16 @@ async def _name_too_long(
         for i, n in zip(suspects, found, strict=True):
             counts[i] = query + n
     else:
-        sem = asyncio.Semaphore(FALLBACK_PARALLEL)
 
         async def count(doc: str) -> int:
             nonlocal limit
-            async with sem:
-                body = {**pool.model_field(), "prompt": text_1 + doc}
-                tok_answer = await rt.dispatch.json(pool, "/tokenize", orjson.dumps(body), adm)
+            body = {**pool.model_field(), "prompt": text_1 + doc}
+            tok_answer = await rt.dispatch.json(pool, "/tokenize", orjson.dumps(body), adm)
             limit = int(tok_answer.get("max_model_len", 0)) or limit
             return int(tok_answer.get("count", 0))
 
         try:
-            counts = await gather_all(count(d) for d in docs)
+            counts = await gather_all((count(d) for d in docs), limit=FALLBACK_PARALLEL)
         except (GatewayError, ValueError, TypeError):
             return error
     if not limit:
@@ -327,18 +323,16 @@ async def _truncate(
         for i, kept in zip(long, cut, strict=True):
             out[i] = kept
         return out, None
-    sem = asyncio.Semaphore(FALLBACK_PARALLEL)
 
     async def one(text: str) -> str:
         if _utf8_len(text) <= max_length:
             return text
-        async with sem:
-            body = {**pool.model_field(), "prompt": text, "add_special_tokens": False}
-            ids = _value(await rt.dispatch.json(pool, "/tokenize", orjson.dumps(body), adm), "tokens", list)
-            if len(ids) <= max_length:
-                return text
-            back = {**pool.model_field(), "tokens": ids[:max_length]}
-            kept: str = _value(await rt.dispatch.json(pool, "/detokenize", orjson.dumps(back), adm), "prompt", str)
-            return kept
+        body = {**pool.model_field(), "prompt": text, "add_special_tokens": False}
+        ids = _value(await rt.dispatch.json(pool, "/tokenize", orjson.dumps(body), adm), "tokens", list)
+        if len(ids) <= max_length:
+            return text
+        back = {**pool.model_field(), "tokens": ids[:max_length]}
+        kept: str = _value(await rt.dispatch.json(pool, "/detokenize", orjson.dumps(back), adm), "prompt", str)
+        return kept
 
-    return await gather_all(one(t) for t in texts), None
+    return await gather_all((one(t) for t in texts), limit=FALLBACK_PARALLEL), None

@@ -30,16 +30,14 @@ from .gateway import Gateway, Runtime
 from .observability import RequestInfo
 from .openapi import DOCS_ASSETS, docs_asset, docs_html, document
 from .requestbody import (
-    SCORE_PAIRS,
     check_batch,
     check_documents,
     check_inputs,
-    check_score_pairs,
     read_json,
     validate,
 )
 from .rerank import rerank, score_passthrough
-from .status import health, snapshot
+from .status import health
 from .status_page import STATUS_HTML
 
 log = logging.getLogger("er_gateway")
@@ -76,7 +74,10 @@ class Route:
     tag: str
     body: type[BaseModel] | None = None  # the request schema (the handler validates with it)
     answer: type[BaseModel] | None = None  # the 200 schema; None: not JSON (see `media`)
-    errors: tuple[int, ...] = ()
+    errors: tuple[int, ...] = ()  # statuses answered with the error envelope (500 goes for all)
+    # statuses answered with another body: /health's 503 is its own readiness report
+    other: tuple[tuple[int, type[BaseModel]], ...] = ()
+    body_required: bool = True
     key: bool = True  # needs an API key (operational pages say in `description` when)
     media: str = "application/json"
     description: str = ""
@@ -104,7 +105,7 @@ def _page_admin(c: Call, required: bool) -> bool:
     Returns whether the caller holds an admin key: only then do pages show replica URLs.
     """
     if required:
-        return c.rt.admission.keys.authenticate(c.api_key).admin
+        return c.rt.admission.authenticate(c.api_key).admin
     return c.rt.admission.is_admin(c.api_key)
 
 
@@ -171,8 +172,7 @@ async def batch_rerank(c: Call) -> Response:
     """
     rt = c.rt
     adm = await c.admit("/batch_rerank", cost=0)
-    limiter = rt.admission.limiter
-    adm.headers.update(await limiter.check_request(adm.key))  # an exhausted key sends no body
+    await rt.admission.check_requests(adm)  # an exhausted key sends no body
     data, _ = await read_json(c.request, rt.settings)
     items = data.get("requests") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
@@ -181,7 +181,7 @@ async def batch_rerank(c: Call) -> Response:
         )
     check_batch(items, rt.settings)
     c.info.items = len(items)
-    adm.headers.update(await limiter.hit_request(adm.key, cost=len(items)))
+    await rt.admission.count_requests(adm, len(items))
     parallel = asyncio.Semaphore(min(BATCH_PARALLEL, rt.settings.per_key_concurrency))
 
     async def one(item: Any) -> dict[str, Any]:
@@ -208,10 +208,9 @@ async def score(c: Call) -> Response:
     adm = await c.admit("/score")
     data, raw = await read_json(c.request, c.rt.settings)
     if isinstance(data, dict):
-        check_documents(data, c.rt.settings, tuple(b for _, b in SCORE_PAIRS))
-        check_score_pairs(data)
+        check_documents(data, c.rt.settings, tuple(b for _, b in p.SCORE_PAIRS))
     req = validate(p.ScoreRequest, data)
-    second = next((data[b] for a, b in SCORE_PAIRS if a in data and b in data), None)
+    second = next((data[b] for a, b in p.SCORE_PAIRS if a in data and b in data), None)
     c.info.items = len(second) if isinstance(second, list) else 1
     return await score_passthrough(c.rt, adm, req, data, raw)
 
@@ -224,9 +223,7 @@ async def reload_model(c: Call) -> Response:
     if data == {}:
         return json_response({"status": "reloaded", **await c.gw.reload()}, headers=adm.headers)
     req = validate(p.ReloadModelRequest, data)
-    if not c.rt.settings.manage_models:
-        raise c.gw.manager.refuse_unmanaged(req)
-    return json_response(await c.gw.manager.reload(req), headers=adm.headers)
+    return json_response(await c.gw.restart_models(req), headers=adm.headers)
 
 
 async def health_route(c: Call) -> Response:
@@ -238,8 +235,7 @@ async def health_route(c: Call) -> Response:
 
 async def metrics(c: Call) -> Response:
     _page_admin(c, c.rt.settings.metrics_auth)
-    c.gw.refresh_gauges()
-    return Response(c.gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    return Response(c.gw.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def status_page(c: Call) -> Response:
@@ -249,9 +245,7 @@ async def status_page(c: Call) -> Response:
 
 async def status_json(c: Call) -> Response:
     admin = _page_admin(c, c.rt.settings.status_auth)
-    return json_response(
-        snapshot(c.rt.catalog, c.gw.gate, c.gw.recent, shared_limits=c.rt.admission.limiter.shared, admin=admin)
-    )
+    return json_response(c.gw.status(c.rt, admin=admin))
 
 
 _DOCUMENT: list[bytes] = []
@@ -300,7 +294,7 @@ ROUTES: tuple[Route, ...] = (
         "List the models this key may use",
         "models",
         answer=p.ModelList,
-        errors=(401, 429),
+        errors=(401, 429, 503),
         description="Every name that reaches a model: the names its backends serve, then the configured "
         "name and aliases.",
     ),
@@ -342,9 +336,11 @@ ROUTES: tuple[Route, ...] = (
         "Several rerank requests in one",
         "rerank",
         body=p.BatchRerankRequest,
-        errors=_CLIENT,
+        answer=p.BatchRerankResponse,
+        errors=(*_CLIENT, 503),
         description="Answers in request order: each item a rerank answer or its own error envelope. "
-        "Charged its item count against the key's rate limit before any work.",
+        "A bare JSON list of rerank requests works too. Charged its item count against the key's "
+        "rate limit before any work.",
     ),
     Route(
         "POST",
@@ -374,8 +370,9 @@ ROUTES: tuple[Route, ...] = (
         "Reload the configuration, or restart a model's vLLM servers",
         "operations",
         body=p.ReloadModelRequest,
+        body_required=False,
         answer=p.ReloadAnswer,
-        errors=(400, 401, 403, 404, 409, 502),
+        errors=(400, 401, 403, 404, 408, 409, 413, 429, 502, 503),
         description="Admin key. No body: re-read the config and keys files. With a body: restart that kind's "
         "vLLM servers with those settings (`--manage-models`), else 409 with the command to run.",
     ),
@@ -386,7 +383,8 @@ ROUTES: tuple[Route, ...] = (
         "Readiness per model and replica",
         "operations",
         answer=p.Health,
-        errors=(404, 503),
+        errors=(404,),
+        other=((503, p.Health),),
         key=False,
         description="200 while at least one model can serve, 503 when none can; `?model=` for one model.",
     ),

@@ -79,9 +79,11 @@ def test_cutting_a_broken_answer_is_the_backends_fault(answer: bytes) -> None:
 
 def test_merged_parts_must_answer_every_input() -> None:
     with pytest.raises(GatewayError) as e:
-        _merge([{"data": [{"index": 0}, {"index": 1}]}, {"data": [{"index": 0}]}], [2, 2], 2)
+        _merge([(["a", "b"], {"data": [{"index": 0}, {"index": 1}]}), (["c", "d"], {"data": [{"index": 0}]})], 2)
     assert e.value.status == 502 and "1 embeddings for 2 inputs" in e.value.message
     with pytest.raises(GatewayError):
-        _merge([{"data": [{"index": 0}, {"index": 0}]}], [2], 2)
-    merged = orjson.loads(_merge([{"data": [{"index": 1}, {"index": 0}]}, {"data": [{"index": 0}]}], [2, 1], 2))
+        _merge([(["a", "b"], {"data": [{"index": 0}, {"index": 0}]})], 2)
+    merged = orjson.loads(
+        _merge([(["a", "b"], {"data": [{"index": 1}, {"index": 0}]}), (["c"], {"data": [{"index": 0}]})], 2)
+    )
     assert [d["index"] for d in merged["data"]] == [1, 0, 2]

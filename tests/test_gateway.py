@@ -65,8 +65,10 @@ def test_reload_keeps_rate_limit_counts_and_refuses_a_bad_config(tmp_path: Path)
             r = gw.post("/v1/embeddings", {"input": "x"}, key=user)
         assert r.headers["X-RateLimit-Remaining"] == "7", r.headers
 
-        cfg.write_text("rate_limit: 10/minute\nredis_timeout: 0.7\nmax_retries: 1\n")
-        assert gw.post("/reload_model", key=admin).status_code == 200
+        cfg.write_text("rate_limit: 10/minute\nredis_timeout: 0.7\nmax_retries: 1\nqueue_timeout: 3\n")
+        r = gw.post("/reload_model", key=admin)
+        assert r.status_code == 200
+        assert r.json()["restart_needed"] == ["queue_timeout"]  # said, not silently ignored
         r = gw.post("/v1/embeddings", {"input": "x"}, key=user)
         assert r.headers["X-RateLimit-Remaining"] == "6", r.headers
 

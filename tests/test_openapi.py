@@ -48,18 +48,22 @@ def test_the_document_is_valid_and_covers_the_route_table(stack: Stack) -> None:
             assert op["responses"][code]["content"]["application/json"]["schema"] == {
                 "$ref": "#/components/schemas/ErrorEnvelope"
             }, (path, code)
-    for path in ("/v1/embeddings", "/v1/rerank", "/score"):
-        assert spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"], path
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            if "requestBody" in op:
+                assert op["requestBody"]["content"]["application/json"]["example"], path
+            assert op["responses"]["500"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorEnvelope")
     every_error = [
-        resp
-        for ops in spec["paths"].values()
+        (path, code, resp)
+        for path, ops in spec["paths"].items()
         for op in ops.values()
         for code, resp in op["responses"].items()
         if int(code) >= 400
     ]
-    assert every_error and all(
-        resp["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorEnvelope") for resp in every_error
-    )
+    assert every_error
+    for path, code, resp in every_error:  # the envelope, but for /health's own 503 report
+        want = "/Health" if (path, code) == ("/health", "503") else "/ErrorEnvelope"
+        assert resp["content"]["application/json"]["schema"]["$ref"].endswith(want), (path, code)
 
 
 def _validator(spec: dict, name: str) -> jsonschema.Draft202012Validator:
@@ -87,6 +91,28 @@ def test_real_answers_match_their_documented_schemas(stack: Stack) -> None:
     r = gw.post("/v1/rerank", {"query": "q"})
     assert r.status_code == 400
     _validator(spec, "ErrorEnvelope").validate(r.json())
+    example = spec["paths"]["/batch_rerank"]["post"]["requestBody"]["content"]["application/json"]["example"]
+    r = gw.post("/batch_rerank", {"requests": [*example["requests"], {"query": ""}]})
+    assert r.status_code == 200 and "error" in r.json()[-1]
+    _validator(spec, "BatchRerankResponse").validate(r.json())
+    r = httpx.put(gw.url + "/v1/embeddings")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    _validator(spec, "ErrorEnvelope").validate(r.json())
+
+
+def test_health_503_matches_its_documented_schema(tmp_path: Path) -> None:
+    from conftest import free_port, start_gateway
+
+    gw = start_gateway(tmp_path, "--embedding-url", f"http://127.0.0.1:{free_port()}", "--reranker-url", "none")
+    try:
+        spec = httpx.get(gw.url + "/openapi.json").json()
+        schema = spec["paths"]["/health"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]
+        r = httpx.get(gw.url + "/health")
+        assert r.status_code == 503
+        jsonschema.Draft202012Validator({**schema, "components": spec["components"]}).validate(r.json())
+        assert r.json()["status"] == "unhealthy"
+    finally:
+        gw.stop()
 
 
 def test_docs_render_in_headless_chromium_without_the_internet(stack: Stack, tmp_path: Path) -> None:
