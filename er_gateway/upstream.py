@@ -1,8 +1,9 @@
 """Upstream vLLM replicas: pooled clients, replica choice, retries, health, error mapping.
 
 One keep-alive HTTPPool per backend URL (httpclient.py; why not httpx or aiohttp: README,
-"Upstream HTTP client"), created at start-up and closed at shutdown.
-Every route that talks to vLLM goes through `Pool.post`.
+"Upstream HTTP client"), made for each configuration (at start-up and by every reload) and
+closed when the last request using it is done. Everything that talks to vLLM goes through
+`Pool.post`, called only by dispatch.py.
 """
 
 from __future__ import annotations
