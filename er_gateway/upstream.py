@@ -144,14 +144,17 @@ class Pool:
         best = [r for r in candidates if r.outstanding == low]
         return best[next(self._rr) % len(best)]
 
-    async def post(self, path: str, body: bytes, request_id: str | None = None) -> UpstreamResult:
+    async def post(
+        self, path: str, body: bytes, request_id: str | None = None, tried: list[Replica] | None = None
+    ) -> UpstreamResult:
         """POST `body` to a replica; retry elsewhere on connect errors and 503s.
 
         Returns the 2xx answer; anything else becomes a GatewayError (README, "Errors").
-        4xx answers are the client's fault and are never retried.
+        4xx answers are the client's fault and are never retried. The replicas tried, in order,
+        are appended to `tried`, so a caller knows them on failure too.
         """
         headers = None if request_id is None else {"X-Request-ID": request_id}
-        tried: list[Replica] = []
+        tried = [] if tried is None else tried
         last: GatewayError | None = None
         while True:
             replica = self.pick(tried)

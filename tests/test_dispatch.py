@@ -60,6 +60,23 @@ def test_a_retried_request_counts_both_attempts_as_upstream(
     assert 0 <= overhead(r) < 100, overhead(r)
 
 
+def test_a_request_that_fails_after_retrying_logs_its_retries(
+    split: tuple[GatewayProc, list[Backend], list[Backend]],
+) -> None:
+    gw, embs, _ = split
+    for b in embs:
+        b.admin(fault="503")
+    try:
+        r = gw.post("/v1/embeddings", {"input": "hello"}, headers={"X-Request-ID": "retried-2"})
+    finally:
+        for b in embs:
+            b.admin(fault=None)
+    assert r.status_code == 503, r.text
+    line = access_line(gw, "retried-2")
+    assert field(line, "retries") == "1" and field(line, "replica") != "-"
+    assert 'er_upstream_retries_total{model="Qwen3-Embedding-0.6B"}' in httpx.get(gw.url + "/metrics").text
+
+
 def test_overhead_is_never_negative_on_split_requests(split: tuple[GatewayProc, list[Backend], list[Backend]]) -> None:
     """40 inputs in 10 parts and 10 documents in 5, each part 0.1 s upstream, sent at once: summed,
     upstream time would be ~1 s and the overhead ~-0.9 s."""
