@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -272,6 +272,11 @@ _CLIENT = (400, 401, 403, 404, 408, 413, 429)
 _UPSTREAM = (502, 503, 504)
 
 
+def _with_alias(route: Route, path: str) -> tuple[Route, Route]:
+    """`route`, and the same route at `path` as well (documented as an alias)."""
+    return route, replace(route, path=path, alias_of=route.path, description="")
+
+
 def _rerank(path: str, handler: Handler, summary: str, description: str = "") -> Route:
     return Route(
         "POST",
@@ -298,28 +303,20 @@ ROUTES: tuple[Route, ...] = (
         description="Every name that reaches a model: the names its backends serve, then the configured "
         "name and aliases.",
     ),
-    Route(
-        "POST",
-        "/v1/embeddings",
-        embeddings,
-        "Create embeddings (OpenAI)",
-        "embeddings",
-        body=p.EmbeddingRequest,
-        answer=p.EmbeddingResponse,
-        errors=(*_CLIENT, *_UPSTREAM),
-        description="`input_type: query` (or `instruction`) wraps each input in the Qwen3 query "
-        "instruction; documents go as they are. Big batches are split over the replicas.",
-    ),
-    Route(
-        "POST",
+    *_with_alias(
+        Route(
+            "POST",
+            "/v1/embeddings",
+            embeddings,
+            "Create embeddings (OpenAI)",
+            "embeddings",
+            body=p.EmbeddingRequest,
+            answer=p.EmbeddingResponse,
+            errors=(*_CLIENT, *_UPSTREAM),
+            description="`input_type: query` (or `instruction`) wraps each input in the Qwen3 query "
+            "instruction; documents go as they are. Big batches are split over the replicas.",
+        ),
         "/embeddings",
-        embeddings,
-        "Create embeddings (OpenAI)",
-        "embeddings",
-        body=p.EmbeddingRequest,
-        answer=p.EmbeddingResponse,
-        errors=(*_CLIENT, *_UPSTREAM),
-        alias_of="/v1/embeddings",
     ),
     _rerank("/v1/rerank", rerank_v1, "Rerank documents (Jina/Cohere)"),
     _rerank("/v2/rerank", rerank_v2, "Rerank documents (Cohere v2)"),
@@ -342,26 +339,18 @@ ROUTES: tuple[Route, ...] = (
         "A bare JSON list of rerank requests works too. Charged its item count against the key's "
         "rate limit before any work.",
     ),
-    Route(
-        "POST",
-        "/score",
-        score,
-        "vLLM's /score, passed through",
-        "rerank",
-        body=p.ScoreRequest,
-        answer=p.ScoreResponse,
-        errors=(*_CLIENT, *_UPSTREAM),
-    ),
-    Route(
-        "POST",
+    *_with_alias(
+        Route(
+            "POST",
+            "/score",
+            score,
+            "vLLM's /score, passed through",
+            "rerank",
+            body=p.ScoreRequest,
+            answer=p.ScoreResponse,
+            errors=(*_CLIENT, *_UPSTREAM),
+        ),
         "/v1/score",
-        score,
-        "vLLM's /score, passed through",
-        "rerank",
-        body=p.ScoreRequest,
-        answer=p.ScoreResponse,
-        errors=(*_CLIENT, *_UPSTREAM),
-        alias_of="/score",
     ),
     Route(
         "POST",
