@@ -7,6 +7,7 @@ itself (the `swagger-ui-py` package's files), so it works where GPU hosts have n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from pathlib import Path
@@ -111,6 +112,7 @@ def _operation(r: Route) -> dict[str, Any]:
     return op
 
 
+@functools.cache
 def _static_dir() -> Path | None:
     spec = importlib.util.find_spec("swagger_ui")  # located, not imported (it pulls in jinja2)
     if spec is None or not spec.submodule_search_locations:

@@ -23,6 +23,25 @@ EMB = "Qwen3-Embedding-0.6B"
 RER = "Qwen3-Reranker-0.6B"
 
 
+def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made by openssl, for TLS tests."""
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+# The fields of a text access-log line, in order (README, "Logs and monitoring").
+ACCESS_FIELDS = (
+    "time", "request_id", "key", "method", "path", "model", "status", "total_ms", "upstream_ms", "queue_ms",
+    "replica", "retries", "items", "tokens", "client",
+)  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

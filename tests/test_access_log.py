@@ -16,29 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import EMB, GatewayProc, backend_args, start_backend, start_gateway, wait_until
+from conftest import ACCESS_FIELDS, EMB, GatewayProc, backend_args, start_backend, start_gateway, wait_until
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from er_gateway.observability import Logs, RequestInfo, log_field
 
-FIELDS = [
-    "time",
-    "request_id",
-    "key",
-    "method",
-    "path",
-    "model",
-    "status",
-    "total_ms",
-    "upstream_ms",
-    "queue_ms",
-    "replica",
-    "retries",
-    "items",
-    "tokens",
-    "client",
-]
+FIELDS = list(ACCESS_FIELDS)
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\Z")
 BARE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space " \ =
 NAME = re.compile(r"[a-z_]+=")

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from conftest import free_port
+from conftest import free_port, self_signed_cert
 from hostile_upstream import read_request
 
 from er_gateway.httpclient import (
@@ -146,31 +146,8 @@ def test_url_validation() -> None:
 
 async def test_https_backend(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import ssl
-    import subprocess
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
     raw = RawServer(lambda req, n: ok(b'{"tls":true}'))

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import EMB, RER, backend_args, start_backend, start_gateway, start_redis, wait_until
+from conftest import ACCESS_FIELDS, EMB, RER, backend_args, start_backend, start_gateway, start_redis, wait_until
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -61,23 +61,7 @@ def test_access_log_and_metrics_count_known_traffic(tmp_path: Path) -> None:
         emb_lines = [l for l in lines if "path=/v1/embeddings" in l and "status=200" in l]
         assert len(emb_lines) == 6
         first = dict(kv.split("=", 1) for kv in emb_lines[0].split(" "))
-        for field in (
-            "time",
-            "request_id",
-            "key",
-            "method",
-            "path",
-            "model",
-            "status",
-            "total_ms",
-            "upstream_ms",
-            "queue_ms",
-            "replica",
-            "retries",
-            "items",
-            "tokens",
-            "client",
-        ):
+        for field in ACCESS_FIELDS:
             assert field in first, field
         assert first["key"] == "admin" and first["model"] == EMB and first["items"] == "2"
         assert first["tokens"] == "5" and first["replica"] == emb.url and first["method"] == "POST"

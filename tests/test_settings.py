@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, self_signed_cert
 
 from er_gateway.settings import OPTIONS, SettingsError, load_settings
 
@@ -88,34 +88,11 @@ def test_workers_without_redis_refuses_to_start() -> None:
 
 
 def test_gateway_serves_https_with_ssl_flags(tmp_path: Path) -> None:
-    import subprocess
 
     import httpx
     from conftest import start_gateway
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path)
     gw = start_gateway(tmp_path, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), wait=False)
     try:
         import ssl
