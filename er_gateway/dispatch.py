@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from time import perf_counter
 from typing import Any, TypeVar
 
 import orjson
 
 from .admission import Admission
+from .coalesce import Coalescer, Codec, Member
 from .concurrency import FairGate
 from .errors import GatewayError
-from .observability import Metrics
+from .observability import Metrics, RequestInfo
+from .settings import Settings
+from .tokens import ModelTokenizer
 from .upstream import Pool, Replica, UpstreamResult
 
 T = TypeVar("T")
@@ -28,9 +31,15 @@ _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 
 
 class Dispatcher:
-    def __init__(self, gate: FairGate, metrics: Metrics) -> None:
+    def __init__(self, gate: FairGate, metrics: Metrics, coalesce: Settings | None = None) -> None:
         self.gate = gate
         self.metrics = metrics
+        # None: every request goes alone (--no-coalesce)
+        self.coalescer = (
+            Coalescer(self, coalesce.coalesce_wait_ms, coalesce.coalesce_max_inputs, coalesce.coalesce_max_tokens)
+            if coalesce is not None and coalesce.coalesce
+            else None
+        )
 
     async def send(self, pool: Pool, path: str, body: bytes, adm: Admission) -> UpstreamResult:
         """One upstream call; its answer as bytes, checked to look like a JSON object (first and
@@ -41,34 +50,73 @@ class Dispatcher:
         """
         info = adm.info
         key = info.key_name or ""
+        await self._acquire(key, info)
+        try:
+            result = await self.call(pool, path, body, (info,), info.request_id)
+        finally:
+            self.gate.release(key)
+        adm.done_tokens += usage_tokens(result.body) or 0
+        return result
+
+    async def coalesced(
+        self,
+        pool: Pool,
+        codec: Codec,
+        base: dict[str, Any],
+        group: bytes,
+        tokenizer: ModelTokenizer,
+        member: Member,
+    ) -> Any:
+        """`member`'s answer from a call it may share with other requests (coalesce.py), under
+        its own concurrency slot; its tokens are added to its own `done_tokens`."""
+        assert self.coalescer is not None
+        info = member.adm.info
+        key = info.key_name or ""
+        await self._acquire(key, info)
+        try:
+            return await self.coalescer.submit(pool, codec, base, group, tokenizer, member)
+        finally:
+            self.gate.release(key)
+
+    async def _acquire(self, key: str, info: RequestInfo) -> None:
         info.queued(1)
         try:
             waited = await self.gate.acquire(key)
         finally:
             info.queued(-1)
-        info.sending(1)
+        if waited:
+            self.metrics.queue_wait.observe(waited)
+
+    async def call(
+        self, pool: Pool, path: str, body: bytes, infos: Sequence[RequestInfo], request_id: str
+    ) -> UpstreamResult:
+        """POST `body` for the requests in `infos` (one, or the members of a merged call), who
+        hold their slots; the answer checked to look like a JSON object."""
+        for info in infos:
+            info.sending(1)
         start = perf_counter()
         tried: list[Replica] = []
         m = self.metrics
         try:
             # A task of its own: the call's wake-ups then resume a short chain of coroutines, not
             # the request's ten, which measured 12 % more small-embedding rps (bench/RESULTS.md).
-            result = await asyncio.ensure_future(pool.post(path, body, info.request_id, tried))
+            result = await asyncio.ensure_future(pool.post(path, body, request_id, tried))
         finally:
-            info.sending(-1)
-            self.gate.release(key)
-            if tried:  # failed or not, the access log and the metrics say where it went
-                info.replica = tried[-1].url
-                info.retries += len(tried) - 1
-                if len(tried) > 1:
-                    m.retries.labels(pool.model.name).inc(len(tried) - 1)
-        if waited:
-            m.queue_wait.observe(waited)
+            for info in infos:
+                info.sending(-1)
+                if tried:  # failed or not, the access log and the metrics say where it went
+                    info.replica = tried[-1].url
+                    info.retries += len(tried) - 1
+            if len(tried) > 1:
+                m.retries.labels(pool.model.name).inc(len(tried) - 1)
         m.child(m.upstream, pool.model.name).observe(perf_counter() - start)
         if not _looks_like_object(result.body):
             raise self._not_json(pool, path, result)
-        adm.done_tokens += usage_tokens(result.body) or 0
         return result
+
+    @staticmethod
+    def tokens_of(body: bytes) -> int:
+        return usage_tokens(body) or 0
 
     async def json(self, pool: Pool, path: str, body: bytes, adm: Admission) -> dict[str, Any]:
         """One upstream call, its answer decoded (a 502 if it is not a JSON object)."""

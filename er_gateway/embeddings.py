@@ -13,6 +13,7 @@ import binascii
 import math
 import sys
 from array import array
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -20,9 +21,11 @@ from starlette.responses import Response
 
 from .admission import Admission
 from .catalog import use_backend_name
+from .coalesce import Member, apportion
 from .errors import GatewayError
 from .protocol import EmbeddingRequest
 from .qwen3 import embedding_query
+from .tokens import ModelTokenizer
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -60,7 +63,11 @@ async def create_embeddings(
                 pool, PATH, inputs, limit, lambda c: orjson.dumps({**data, "input": c}), adm
             )
             return _merge(parts, limit)
-        return (await rt.dispatch.send(pool, PATH, orjson.dumps(data) if changed else raw, adm)).body
+        body = orjson.dumps(data) if changed else raw
+        merged = await _coalesced(rt, pool, adm, data, body)
+        if merged is not None:
+            return merged
+        return (await rt.dispatch.send(pool, PATH, body, adm)).body
 
     try:
         try:
@@ -78,6 +85,81 @@ async def create_embeddings(
     finally:
         await rt.admission.settle(adm, pool.model.name)
     return Response(body, media_type="application/json", headers=adm.headers)
+
+
+async def _coalesced(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, Any], body: bytes) -> bytes | None:
+    """The answer through a call shared with other requests (coalesce.py), or None when this
+    request cannot share one: token ids, `truncate_prompt_tokens` (its usage could not be
+    split exactly), too large, or no tokenizer to count each request's own usage with."""
+    coalescer = rt.dispatch.coalescer
+    if coalescer is None or "truncate_prompt_tokens" in data:
+        return None
+    tokenizer = rt.catalog.tokenizer(pool.model)
+    inputs = data["input"]
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if tokenizer is None or not texts or not all(isinstance(t, str) for t in texts):
+        return None
+    size = sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
+    if not coalescer.fits(len(texts), size):
+        return None
+    base = {k: v for k, v in data.items() if k != "input"}
+    group = orjson.dumps(base, option=orjson.OPT_SORT_KEYS)
+    answer: bytes = await rt.dispatch.coalesced(
+        pool, CODEC, base, group, tokenizer, Member(adm, body, texts, None, size)
+    )
+    return answer
+
+
+class EmbeddingsCodec:
+    """Merged /v1/embeddings calls: every member's inputs in one `input` list; each gets its
+    own slice of `data` (indexed from 0) and its own `usage`."""
+
+    path = PATH
+
+    def merged_body(self, base: dict[str, Any], members: Sequence[Member]) -> bytes:
+        return orjson.dumps({**base, "input": [t for m in members for t in m.items]})
+
+    async def split(
+        self, answer: bytes, members: Sequence[Member], tokenizer: ModelTokenizer, batch_id: str
+    ) -> list[tuple[bytes, int]]:
+        sizes = [len(m.items) for m in members]
+        n = sum(sizes)
+        try:
+            merged = orjson.loads(answer)
+            items = merged["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            items = None
+        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+            raise GatewayError(502, "backend answered with something that is not an embeddings list")
+        if sorted(x.get("index") for x in items if isinstance(x.get("index"), int)) != list(range(n)):
+            raise GatewayError(502, f"backend answered {len(items)} embeddings for {n} inputs")
+        items.sort(key=lambda x: x["index"])
+        usage = merged.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        total = usage.get("total_tokens")
+        counts = await tokenizer.count_many_async([t for m in members for t in m.items])
+        own, at = [], 0
+        for k in sizes:
+            own.append(sum(counts[at : at + k]))
+            at += k
+        shares = apportion(total if isinstance(total, int) else 0, own, sizes)
+        rest = {k: v for k, v in merged.items() if k not in ("data", "usage")}
+        out, at = [], 0
+        for j, (k, share) in enumerate(zip(sizes, shares, strict=True)):
+            mine = items[at : at + k]
+            at += k
+            for i, item in enumerate(mine):
+                item["index"] = i
+            own_id = f"{rest['id']}-{j}" if isinstance(rest.get("id"), str) else batch_id
+            own_usage = {**usage, "prompt_tokens": share, "total_tokens": share}
+            out.append((orjson.dumps({**rest, "id": own_id, "data": mine, "usage": own_usage}), share))
+        return out
+
+    def alone(self, answer: bytes) -> bytes:
+        return answer
+
+
+CODEC = EmbeddingsCodec()
 
 
 def _refused_dimensions(e: GatewayError) -> bool:

@@ -112,7 +112,7 @@ class Gateway:
             upstreams=upstreams,
             catalog=Catalog(settings, upstreams, tokenizers),
             admission=Admitter(self.keys, limiter, lambda model, key, n: m.child(m.tokens, model, key).inc(n)),
-            dispatch=Dispatcher(self.gate, m),
+            dispatch=Dispatcher(self.gate, m, settings),
         )
 
     # ---- lifecycle -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ Prompt modes (per model, `prompt:` in the config):
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,11 +24,12 @@ from starlette.responses import Response
 
 from .admission import Admission
 from .catalog import use_backend_name
+from .coalesce import Member, apportion
 from .dispatch import gather_all
 from .errors import GatewayError
 from .protocol import RerankRequest, ScoreRequest
 from .qwen3 import rerank_document_part, rerank_query_part
-from .tokens import WINDOW_CHARS_PER_TOKEN
+from .tokens import WINDOW_CHARS_PER_TOKEN, ModelTokenizer
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -194,9 +196,13 @@ async def score(
     if truncate is not None:
         base["truncate_prompt_tokens"] = truncate
     try:
-        parts = await rt.dispatch.split(
-            pool, "/score", docs, rt.settings.max_batch_docs, lambda c: orjson.dumps({**base, "text_2": c}), adm
-        )
+        merged = await _coalesced(rt, pool, adm, base, docs)
+        if merged is not None:
+            parts = [(docs, merged)]
+        else:
+            parts = await rt.dispatch.split(
+                pool, "/score", docs, rt.settings.max_batch_docs, lambda c: orjson.dumps({**base, "text_2": c}), adm
+            )
     except GatewayError as e:
         if e.status == 400 and "context length" in e.message:
             raise await _name_too_long(rt, pool, adm, text_1, docs, e) from None
@@ -213,6 +219,84 @@ async def score(
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise GatewayError(502, f"backend answered /score with an unexpected body ({e})") from None
     return scores, tokens
+
+
+async def _coalesced(
+    rt: Runtime, pool: Pool, adm: Admission, base: dict[str, Any], docs: list[str]
+) -> dict[str, Any] | None:
+    """The /score answer for `docs` through a call shared with other requests (coalesce.py), or
+    None when this one cannot share: not gateway prompt mode (the pairs are then not plain text
+    pairs), `truncate_prompt_tokens`, more documents than one upstream call takes, too large, or
+    no tokenizer to count each request's own usage with."""
+    coalescer = rt.dispatch.coalescer
+    tokenizer = rt.catalog.tokenizer(pool.model)
+    if (
+        coalescer is None
+        or tokenizer is None
+        or pool.model.prompt != "gateway"
+        or "truncate_prompt_tokens" in base
+        or len(docs) > rt.settings.max_batch_docs
+    ):
+        return None
+    head: str = base["text_1"]
+    size = (_utf8_len(head) + SPECIAL_TOKENS) * len(docs) + sum(map(_utf8_len, docs))
+    if not coalescer.fits(len(docs), size):
+        return None
+    shared = {k: v for k, v in base.items() if k != "text_1"}
+    group = orjson.dumps(shared, option=orjson.OPT_SORT_KEYS)
+    member = Member(adm, orjson.dumps({**base, "text_2": docs}), docs, head, size)
+    answer: dict[str, Any] = await rt.dispatch.coalesced(pool, SCORE_CODEC, shared, group, tokenizer, member)
+    return answer
+
+
+class ScoreCodec:
+    """Merged /score calls: every member's (query, document) pairs as paired `text_1`/`text_2`
+    lists; each member gets its own slice of `data` (indexed from 0) and its own `usage`."""
+
+    path = "/score"
+
+    def merged_body(self, base: dict[str, Any], members: Sequence[Member]) -> bytes:
+        heads = [m.head for m in members for _ in m.items]
+        return orjson.dumps({**base, "text_1": heads, "text_2": [d for m in members for d in m.items]})
+
+    async def split(
+        self, answer: bytes, members: Sequence[Member], tokenizer: ModelTokenizer, batch_id: str
+    ) -> list[tuple[dict[str, Any], int]]:
+        sizes = [len(m.items) for m in members]
+        n = sum(sizes)
+        data = self.alone(answer)
+        items = data.get("data")
+        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+            raise GatewayError(502, "backend answered /score with an unexpected body (no data list)")
+        if sorted(x.get("index") for x in items if isinstance(x.get("index"), int)) != list(range(n)):
+            raise GatewayError(502, f"backend answered {len(items)} scores for {n} pairs")
+        items.sort(key=lambda x: x["index"])
+        usage = data.get("usage")
+        total = usage.get("total_tokens") if isinstance(usage, dict) else None
+        counts = await tokenizer.count_many_async([t for m in members for t in (m.head or "", *m.items)])
+        own, at = [], 0
+        for k in sizes:
+            own.append(counts[at] * k + sum(counts[at + 1 : at + 1 + k]))
+            at += 1 + k
+        shares = apportion(total if isinstance(total, int) else 0, own, sizes)
+        out, at = [], 0
+        for k, share in zip(sizes, shares, strict=True):
+            mine = [{**x, "index": i} for i, x in enumerate(items[at : at + k])]
+            at += k
+            out.append(({"data": mine, "usage": {"prompt_tokens": share, "total_tokens": share}}, share))
+        return out
+
+    def alone(self, answer: bytes) -> dict[str, Any]:
+        try:
+            data = orjson.loads(answer)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            raise GatewayError(502, "backend answered /score with something that is not a JSON object")
+        return data
+
+
+SCORE_CODEC = ScoreCodec()
 
 
 async def score_passthrough(

@@ -110,6 +110,10 @@ class Settings(BaseModel):
     eject_cooldown: float = Field(5.0, ge=0)
     max_batch_inputs: int = Field(64, ge=1)
     max_batch_docs: int = Field(64, ge=1)
+    coalesce: bool = True
+    coalesce_wait_ms: float = Field(2.0, ge=0, le=1000)
+    coalesce_max_inputs: int = Field(64, ge=1)
+    coalesce_max_tokens: int = Field(16384, ge=1)
     workers: int = Field(1, ge=1)
     log_dir: str = "logs"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -316,6 +320,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("eject_cooldown", "seconds a replica gets no traffic after a connect error, timeout or 5xx", "S"),
     Option("max_batch_inputs", "embedding inputs per upstream request; larger requests are split", "N"),
     Option("max_batch_docs", "rerank documents per upstream request; larger requests are split", "N"),
+    Option(
+        "coalesce",
+        "merge concurrent small embeddings/rerank requests into one upstream call "
+        "(sent at once when the model is idle); --no-coalesce sends each alone",
+        kind="bool",
+    ),
+    Option("coalesce_wait_ms", "longest a request waits for others to merge with while the model is busy", "MS"),
+    Option("coalesce_max_inputs", "most inputs (or rerank documents) in one merged upstream call", "N"),
+    Option(
+        "coalesce_max_tokens",
+        "most tokens in one merged upstream call, bounded by UTF-8 bytes (bigger requests go alone)",
+        "N",
+    ),
     Option("workers", "worker processes (more than 1 needs --redis-url)", "N"),
     Option("log_dir", "directory of embedding_reranker_proxy.log and access.log", "DIR"),
     Option("log_level", "debug | info | warning | error", "LEVEL"),

@@ -235,14 +235,22 @@ class Fake:
         t1, t2 = data.get("text_1"), data.get("text_2")
         if t1 is None or t2 is None:
             return self.error(400, "text_1 and text_2 are required", "BadRequestError")
-        if not isinstance(t1, str) or not (isinstance(t2, str) or all(isinstance(d, str) for d in t2)):
+        def texts(v: Any) -> bool:
+            return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+        if not texts(t1) or not texts(t2):
             return self.error(400, "1 validation error: text_1/text_2 must be strings", "BadRequestError")
         docs = t2 if isinstance(t2, list) else [t2]
-        if not docs:
+        firsts = t1 if isinstance(t1, list) else [t1]
+        if not docs or not firsts:
             return self.error(400, "At least one document is required", "BadRequestError")
+        # Like vLLM: 1:1, 1:N or N:N (a list of queries is zipped with the documents).
+        if len(firsts) > 1 and len(firsts) != len(docs):
+            return self.error(400, "Input lengths must be either 1:1, 1:N or N:N", "BadRequestError")
+        pairs = list(zip(firsts * len(docs) if len(firsts) == 1 else firsts, docs, strict=True))
         rows = []
         tokens = 0
-        for i, d in enumerate(docs):
+        for i, (t1, d) in enumerate(pairs):
             n = count_tokens(t1) + count_tokens(d)
             if n > self.max_len:
                 return self.error(

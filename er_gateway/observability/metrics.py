@@ -78,6 +78,13 @@ class Metrics:
         self.retries = Counter(
             "er_upstream_retries_total", "Requests retried on another replica", ["model"], registry=r
         )
+        self.coalesced = Histogram(
+            "er_coalesced_requests",
+            "Requests merged into one upstream call (only merged calls are observed)",
+            ["model"],
+            buckets=(2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
 
     def child(self, metric: Any, *labels: str) -> Any:
         """metric.labels(*labels), cached: prometheus-client's own lookup takes a lock each time."""

@@ -1,0 +1,221 @@
+"""Merging concurrent small requests into one upstream call, and splitting the answer back.
+
+vLLM's HTTP front end, not the model, limits small requests: one input per request reaches a
+third of the inputs/s that 16 per request do. RAG clients send one query at a time, so the
+gateway merges what arrives together (README, "Coalescing"):
+
+- a request whose model has nothing of ours in flight is sent on the next turn of the event
+  loop (only requests parsed in the same turn join it: no added wait when idle);
+- otherwise it waits at most `--coalesce-wait-ms` for company, or until the batch holds
+  `--coalesce-max-inputs` inputs or `--coalesce-max-tokens` (bounded by UTF-8 bytes);
+- a batch of one is the request's own body, sent as it is;
+- a merged call that vLLM refuses with a 4xx may be one member's fault (an over-long input):
+  every member is then sent alone, so each gets the answer or the error it would have got.
+
+What a merged answer means for each member (its slice, its exact `usage`) is the service's
+business: a `Codec` (embeddings.py, rerank.py) builds the merged body and splits the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .admission import Admission
+from .errors import GatewayError
+from .tokens import ModelTokenizer
+from .upstream import Pool
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+
+
+@dataclass(eq=False)
+class Member:
+    """One request's share of a batch."""
+
+    adm: Admission
+    body: bytes  # the request's own upstream body: what is sent when it goes alone
+    items: list[str]  # the texts it adds to the merged call (inputs, or rendered documents)
+    head: str | None  # rerank: the rendered query its documents are scored against
+    size: int  # UTF-8 bytes of its texts, an upper bound of its tokens
+    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Codec(Protocol):
+    """How one kind of request is merged and split (a service defines it)."""
+
+    path: str
+
+    def merged_body(self, base: dict[str, Any], members: Sequence[Member]) -> bytes:
+        """One upstream body for every member's items, in order."""
+        ...
+
+    async def split(
+        self, answer: bytes, members: Sequence[Member], tokenizer: ModelTokenizer, batch_id: str
+    ) -> list[tuple[Any, int]]:
+        """Each member's answer and its tokens, from the merged answer (a GatewayError if it does
+        not hold one result per item)."""
+        ...
+
+    def alone(self, answer: bytes) -> Any:
+        """A member's answer from the answer to its own body."""
+        ...
+
+
+@dataclass(eq=False)
+class Batch:
+    key: tuple[Any, ...]
+    pool: Pool
+    codec: Codec
+    base: dict[str, Any]  # the fields every member shares (all of its body but its items)
+    tokenizer: ModelTokenizer
+    members: list[Member] = field(default_factory=list)
+    items: int = 0
+    size: int = 0
+    timer: asyncio.TimerHandle | asyncio.Handle | None = None
+
+
+_BATCH_PREFIX = secrets.token_hex(4)
+_BATCH_COUNTER = itertools.count(1)
+_RETRY_ALONE = frozenset(range(400, 500)) - {401, 403, 404, 408, 429}  # may be one member's input
+
+
+class Coalescer:
+    def __init__(self, dispatch: Dispatcher, wait_ms: float, max_inputs: int, max_tokens: int) -> None:
+        self.dispatch = dispatch
+        self.wait = wait_ms / 1000
+        self.max_inputs = max_inputs
+        self.max_tokens = max_tokens
+        self._open: dict[tuple[Any, ...], Batch] = {}
+        self._busy: dict[str, int] = {}  # model -> upstream calls of ours in flight
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def fits(self, inputs: int, size: int) -> bool:
+        """Whether a request this large is worth merging (larger ones go alone, or are split)."""
+        return inputs <= self.max_inputs and size <= self.max_tokens
+
+    async def submit(
+        self,
+        pool: Pool,
+        codec: Codec,
+        base: dict[str, Any],
+        group: bytes,
+        tokenizer: ModelTokenizer,
+        member: Member,
+    ) -> Any:
+        """`member`'s answer, once the batch it joined has been answered. The caller holds the
+        member's concurrency slot for as long as this runs."""
+        key = (pool.model.name, codec.path, group)
+        batch = self._open.get(key)
+        if batch is not None and (
+            batch.items + len(member.items) > self.max_inputs or batch.size + member.size > self.max_tokens
+        ):
+            self._flush(batch)
+            batch = None
+        if batch is None:
+            batch = self._open[key] = Batch(key, pool, codec, base, tokenizer)
+            loop = asyncio.get_running_loop()
+            if self._busy.get(pool.model.name):
+                batch.timer = loop.call_later(self.wait, self._flush, batch)
+            else:  # idle: only what is parsed in this same turn of the loop joins
+                batch.timer = loop.call_soon(self._flush, batch)
+        batch.members.append(member)
+        batch.items += len(member.items)
+        batch.size += member.size
+        if batch.items >= self.max_inputs or batch.size >= self.max_tokens:
+            self._flush(batch)
+        return await member.future
+
+    def _flush(self, batch: Batch) -> None:
+        if self._open.get(batch.key) is not batch:
+            return  # already sent (full, or its timer and a fill raced)
+        del self._open[batch.key]
+        if batch.timer is not None:
+            batch.timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: Batch) -> None:
+        model = batch.pool.model.name
+        self._busy[model] = self._busy.get(model, 0) + 1
+        members = [m for m in batch.members if not m.future.done()]  # a client that left is dropped
+        try:
+            if len(members) == 1:
+                await self._alone(batch, members[0])
+            elif members:
+                await self._merged(batch, members)
+        except BaseException as e:  # noqa: BLE001 - whatever happened, no member may wait forever
+            for m in members:
+                if not m.future.done():
+                    m.future.set_exception(copy.copy(e) if isinstance(e, Exception) else GatewayError(503, str(e)))
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._busy[model] -= 1
+
+    async def _merged(self, batch: Batch, members: list[Member]) -> None:
+        batch_id = f"batch-{_BATCH_PREFIX}{next(_BATCH_COUNTER):08x}"
+        infos = [m.adm.info for m in members]
+        for info in infos:
+            info.extra["batch"] = batch_id
+        try:
+            body = batch.codec.merged_body(batch.base, members)
+            result = await self.dispatch.call(batch.pool, batch.codec.path, body, infos, batch_id)
+        except GatewayError as e:
+            if e.status not in _RETRY_ALONE:
+                raise
+            # One member's input may be what vLLM refused: each alone gets its own answer or error.
+            for info in infos:
+                info.extra.pop("batch", None)
+            await asyncio.gather(*(self._alone(batch, m) for m in members))
+            return
+        try:
+            answers = await batch.codec.split(result.body, members, batch.tokenizer, batch_id)
+        except GatewayError as e:
+            batch.pool.bad_answer(result.replica, e.message)  # a 200 that is not the answer asked for
+            raise
+        m = self.dispatch.metrics
+        m.child(m.coalesced, batch.pool.model.name).observe(len(members))
+        for member, (answer, tokens) in zip(members, answers, strict=True):
+            member.adm.done_tokens += tokens
+            if not member.future.done():
+                member.future.set_result(answer)
+
+    async def _alone(self, batch: Batch, m: Member) -> None:
+        try:
+            result = await self.dispatch.call(batch.pool, batch.codec.path, m.body, [m.adm.info], m.adm.info.request_id)
+            m.adm.done_tokens += self.dispatch.tokens_of(result.body)
+            answer = batch.codec.alone(result.body)
+        except Exception as e:  # noqa: BLE001 - the member's own error, raised in its own request
+            if not m.future.done():
+                m.future.set_exception(e)
+            return
+        if not m.future.done():
+            m.future.set_result(answer)
+
+
+def apportion(total: int, counts: list[int], items: list[int]) -> list[int]:
+    """Each member's share of an upstream `total`: its own texts' `counts` plus, per item, the
+    tokens the backend adds to every item (its special tokens), found as what is left over.
+
+    When the tokenizer agrees with the backend (the same model's), the left-over is the same for
+    every item and each member's share is exactly what it would have been alone. Otherwise the
+    total is shared in proportion, so the shares still add up to what the backend counted.
+    """
+    n = sum(items)
+    extra, rest = divmod(total - sum(counts), n) if n else (0, 1)
+    if rest == 0 and extra >= 0:
+        return [c + extra * k for c, k in zip(counts, items, strict=True)]
+    weights = [c + k for c, k in zip(counts, items, strict=True)]
+    whole = sum(weights) or 1
+    shares = [total * w // whole for w in weights]
+    for i in sorted(range(len(shares)), key=lambda i: -(total * weights[i] % whole))[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
