@@ -19,7 +19,6 @@ business: a `Codec` (embeddings.py, rerank.py) builds the merged body and splits
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import secrets
 from collections.abc import Sequence
@@ -154,7 +153,7 @@ class Coalescer:
         except BaseException as e:  # noqa: BLE001 - whatever happened, no member may wait forever
             for m in members:
                 if not m.future.done():
-                    m.future.set_exception(copy.copy(e) if isinstance(e, Exception) else GatewayError(503, str(e)))
+                    m.future.set_exception(_own_copy(e))
             if not isinstance(e, Exception):
                 raise
         finally:
@@ -199,6 +198,16 @@ class Coalescer:
             return
         if not m.future.done():
             m.future.set_result(answer)
+
+
+def _own_copy(e: BaseException) -> Exception:
+    """The error each member raises in its own request (a GatewayError's headers are changed
+    there, so each gets its own); a cancelled batch (shutdown) is a 503 for its members."""
+    if isinstance(e, GatewayError):
+        return GatewayError(e.status, e.message, param=e.param, type=e.type, headers=dict(e.headers))
+    if isinstance(e, Exception):
+        return e
+    return GatewayError(503, "the gateway is shutting down")
 
 
 def apportion(total: int, counts: list[int], items: list[int]) -> list[int]:

@@ -3,8 +3,8 @@
 Deterministic: an embedding is derived from a hash of the input, a score from
 word overlap and a hash, so the gateway's output can be checked exactly.
 Faults vLLM cannot be made to produce on demand are switched on with
-POST /_admin (delay, 500, 503, garbage, truncated JSON, flat pre-0.10.1 errors, hang,
-drop the connection). GET /_stats reports concurrency and the last headers.
+POST /_admin (delay, 500, 503, garbage, truncated JSON, one result short, flat pre-0.10.1
+errors, hang, drop the connection). GET /_stats reports concurrency and the last headers.
 
 `--step-time T --step-capacity K` model vLLM's scheduler: requests queue first come, first
 served, and every T seconds one engine step processes up to K items (inputs or documents;
@@ -166,7 +166,12 @@ class Fake:
                 return self.error(400, "Input should be a valid dictionary", "BadRequestError")
             if self.engine is not None:
                 await self.engine.run(items_of(data))
-            return await handler(data)
+            answer = await handler(data)
+            if fault == "one_short" and answer.status == 200:  # a 200 with one result fewer than asked
+                body = orjson.loads(answer.body)  # type: ignore[arg-type]
+                body["data"] = body["data"][:-1]
+                return web.Response(body=orjson.dumps(body), content_type="application/json")
+            return answer
         finally:
             self.current -= 1
 
@@ -235,6 +240,7 @@ class Fake:
         t1, t2 = data.get("text_1"), data.get("text_2")
         if t1 is None or t2 is None:
             return self.error(400, "text_1 and text_2 are required", "BadRequestError")
+
         def texts(v: Any) -> bool:
             return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
 
