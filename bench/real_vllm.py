@@ -15,7 +15,9 @@ Scenarios:
   /score request the gateway would send alone (the rendered Qwen3 prompt).
 Paths: direct, gateway (coalescing on, the default) and gateway --no-coalesce, measured in
 interleaved rounds; the median round is reported with inputs/s (documents/s for rerank) and the
-ratio to direct in the same round.
+ratio to direct in the same round. At c > 1, "packed" is the ceiling any merging could reach on
+this machine: the same c requests' inputs sent by one client as one request, back to back (its
+p50 is that of the packed request).
 """
 
 from __future__ import annotations
@@ -96,6 +98,18 @@ end
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {"rps": float(rps.group(1)) if rps else 0.0, "p50": lat("50"), "p99": lat("99"),
             "non2xx": int(non2xx.group(1)) if non2xx else 0}  # fmt: skip
+
+
+def packed(body: dict, n: int) -> dict:
+    """`n` requests' worth of `body` in one: n inputs, or n queries' pairs as paired lists."""
+    if "input" in body:
+        return {**body, "input": [body["input"].replace(N, f"{N}-{i}") for i in range(n)]}
+    docs = body["text_2"]
+    return {
+        **body,
+        "text_1": [body["text_1"].replace(N, f"{N}-{i}") for i in range(n) for _ in docs],
+        "text_2": [d.replace(N, f"{N}-{i}") for i in range(n) for d in docs],
+    }
 
 
 def start_gateway(work: Path, name: str, urls: tuple[str, str], backend_key: str, models: Path, *extra: str):
@@ -186,7 +200,20 @@ def main() -> None:
             per_request, body, gw_path, direct_path, direct_body = scenarios[name]
             for c in conns:
                 runs: dict[str, list[dict[str, float]]] = {"direct": [], "gateway": [], "no-coalesce": []}
+                if c > 1:
+                    runs["packed"] = []
                 for _ in range(args.rounds):
+                    if c > 1:  # the ceiling: the same inputs in flight, packed by the client into one request
+                        runs["packed"].append(
+                            wrk(
+                                urls[0 if name == "embed-1" else 1] + direct_path,
+                                packed(direct_body or body, c),
+                                backend_key,
+                                1,
+                                args.duration,
+                                work,
+                            )
+                        )
                     runs["direct"].append(
                         wrk(
                             urls[0 if name == "embed-1" else 1] + direct_path,
@@ -201,7 +228,10 @@ def main() -> None:
                         _, url, key = gateways[path]
                         runs[path].append(wrk(url + gw_path, body, key, c, args.duration, work))
                 for path, results in runs.items():
+                    scale = c if path == "packed" else 1  # a packed request carries c requests' inputs
                     mid = sorted(results, key=lambda r: r["rps"])[len(results) // 2]
+                    mid = {**mid, "rps": mid["rps"] * scale}
+                    results = [{**r, "rps": r["rps"] * scale} for r in results]
                     same = zip(results, runs["direct"], strict=True)
                     ratio = statistics.median(r["rps"] / d["rps"] if d["rps"] else 0 for r, d in same)
                     row = {"scenario": name, "conns": c, "path": path, "inputs_per_s": mid["rps"] * per_request,

@@ -12,14 +12,17 @@ import base64
 import binascii
 import math
 import sys
+import time
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.responses import Response
 
 from .admission import Admission
+from .cache import ResultCache, entry, parse_entry
 from .catalog import use_backend_name
 from .coalesce import Member, apportion
 from .errors import GatewayError
@@ -53,6 +56,13 @@ async def create_embeddings(
         estimate = await _estimate(rt, pool, inputs, data.get("truncate_prompt_tokens"))
         await rt.admission.reserve_tokens(adm, estimate)
     limit = rt.settings.max_batch_inputs
+    cached = await _lookup(rt, pool, adm, data)
+    if cached is not None and cached.hits:
+        if not cached.missing:  # every input known: vLLM is not asked
+            await rt.admission.settle(adm, pool.model.name)
+            return Response(cached.answer(pool, adm), media_type="application/json", headers=adm.headers)
+        inputs = data["input"] = [cached.texts[i] for i in cached.missing]
+        changed = True
     cut = None
     if req.dimensions is not None and pool.refuses_dimensions and _cuttable(data):
         cut, changed = data.pop("dimensions"), True
@@ -82,9 +92,93 @@ async def create_embeddings(
             body = await forward(True)
         if cut is not None:
             body = cut_vectors(body, cut)
+        if cached is not None:
+            body = await cached.fill(rt, pool, adm, body)
     finally:
         await rt.admission.settle(adm, pool.model.name)
     return Response(body, media_type="application/json", headers=adm.headers)
+
+
+@dataclass
+class _Cached:
+    """One request's inputs in the result cache (cache.py): which are known, which are not."""
+
+    cache: ResultCache
+    texts: list[str]
+    keys: list[bytes]
+    hits: dict[int, tuple[int, bytes]]  # input index -> (tokens, embedding JSON)
+    missing: list[int]
+
+    def answer(self, pool: Pool, adm: Admission, fresh: dict[int, bytes] | None = None, tokens: int = 0) -> bytes:
+        """An embeddings answer from cached (and `fresh`) embedding JSON, in input order, built
+        as bytes: no vector is decoded. `usage` counts every input, cached ones too."""
+        fresh = fresh or {}
+        parts = []
+        for i in range(len(self.texts)):
+            hit = self.hits.get(i)
+            value = hit[1] if hit is not None else fresh[i]
+            parts.append(b'{"index":%d,"object":"embedding","embedding":%b}' % (i, value))
+        total = tokens + sum(t for t, _ in self.hits.values())
+        head = orjson.dumps(
+            {"id": f"embd-{adm.info.request_id}", "object": "list", "created": int(time.time()),
+             "model": pool.upstream_name or pool.model.name}
+        )  # fmt: skip
+        usage = orjson.dumps(
+            {"prompt_tokens": total, "total_tokens": total, "completion_tokens": 0, "prompt_tokens_details": None}
+        )
+        return head[:-1] + b',"data":[' + b",".join(parts) + b'],"usage":' + usage + b"}"
+
+    async def fill(self, rt: Runtime, pool: Pool, adm: Admission, body: bytes) -> bytes:
+        """Store what vLLM answered for the missing inputs; the whole answer if some were cached."""
+        try:
+            answer = orjson.loads(body)
+            items = sorted(answer["data"], key=lambda x: x["index"])
+            values = [orjson.dumps(x["embedding"]) for x in items]
+            total = int(answer["usage"]["total_tokens"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise GatewayError(502, "backend answered with something that is not an embeddings list") from None
+        if len(values) != len(self.missing):
+            raise GatewayError(502, f"backend answered {len(values)} embeddings for {len(self.missing)} inputs")
+        sent = [self.texts[i] for i in self.missing]
+        tokenizer = rt.catalog.tokenizer(pool.model)
+        if len(sent) == 1:
+            shares: list[int] | None = [total]
+        elif tokenizer is not None:
+            shares = apportion(total, await tokenizer.count_many_async(sent), [1] * len(sent))
+        else:
+            shares = None  # no exact count of each input: nothing stored
+        if shares is not None:
+            self.cache.put_many(
+                [(self.keys[i], entry(n, v)) for i, n, v in zip(self.missing, shares, values, strict=True)]
+            )
+        if not self.hits:
+            return body  # nothing was cached: vLLM's answer as it came
+        return self.answer(pool, adm, dict(zip(self.missing, values, strict=True)), total)
+
+
+async def _lookup(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, Any]) -> _Cached | None:
+    """This request's inputs in the result cache, or None if it is not cached (no cache, token
+    ids). Says `X-Cache-Hits` and counts hits and misses."""
+    cache = rt.cache
+    inputs = data["input"]
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if cache is None or not texts or not all(isinstance(t, str) for t in texts):
+        return None
+    params = orjson.dumps({k: v for k, v in data.items() if k not in ("input", "user")}, option=orjson.OPT_SORT_KEYS)
+    keys = cache.keys(cache.namespace(pool.fingerprint, params), texts)
+    hits: dict[int, tuple[int, bytes]] = {}
+    for i, raw in enumerate(await cache.get_many(keys)):
+        found = parse_entry(raw) if raw is not None else None
+        if found is not None:
+            hits[i] = found
+    missing = [i for i in range(len(texts)) if i not in hits]
+    adm.headers["X-Cache-Hits"] = str(len(hits))
+    m = rt.dispatch.metrics
+    if hits:
+        m.child(m.cache_hits, pool.model.name).inc(len(hits))
+    if missing:
+        m.child(m.cache_misses, pool.model.name).inc(len(missing))
+    return _Cached(cache, texts, keys, hits, missing)
 
 
 async def _coalesced(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, Any], body: bytes) -> bytes | None:

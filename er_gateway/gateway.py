@@ -17,6 +17,7 @@ from typing import Any
 from limits.errors import ConfigurationError
 
 from .admission import Admitter
+from .cache import ResultCache
 from .catalog import Catalog
 from .concurrency import FairGate
 from .dispatch import Dispatcher
@@ -43,6 +44,7 @@ class Runtime:
     catalog: Catalog
     admission: Admitter
     dispatch: Dispatcher
+    cache: ResultCache | None  # the process's (it outlives reloads: keys name the model's state)
     users: int = 0  # requests running on it
     retired: bool = False  # replaced by a reload: closed when `users` drops to 0
     closed: bool = False
@@ -58,7 +60,7 @@ class Runtime:
 RESTART_ONLY = (
     "host", "port", "workers", "max_concurrency", "max_concurrency_per_key", "queue_timeout", "keys_file",
     "header_timeout", "max_header_bytes", "keepalive_timeout", "max_connections", "ssl_certfile", "ssl_keyfile",
-    "log_dir", "log_level", "log_format", "log_max_bytes", "log_backups", "access_log",
+    "log_dir", "log_level", "log_format", "log_max_bytes", "log_backups", "access_log", "cache_size", "cache_ttl",
 )  # fmt: skip
 
 
@@ -73,6 +75,17 @@ class Gateway:
         per_key = max(1, -(-settings.per_key_concurrency // settings.workers))
         self.gate = FairGate(per_worker, per_key, settings.queue_timeout)
         self.replicas: dict[str, Replica] = {}  # every backend URL's state, across reloads
+        self.cache = (
+            ResultCache(
+                int(settings.cache_size * 1024 * 1024),
+                settings.redis_url,
+                ttl=settings.cache_ttl,
+                timeout=settings.redis_timeout,
+                breaker_interval=settings.redis_breaker_interval,
+            )
+            if settings.cache_size > 0
+            else None
+        )
         self.runtime = self._build(settings, load_tokenizers(settings.models), None)
         self.manager = ModelManager(lambda: (self.runtime.settings, self.runtime.upstreams))
         self._tasks: set[asyncio.Task[None]] = set()
@@ -113,11 +126,15 @@ class Gateway:
             catalog=Catalog(settings, upstreams, tokenizers),
             admission=Admitter(self.keys, limiter, lambda model, key, n: m.child(m.tokens, model, key).inc(n)),
             dispatch=Dispatcher(self.gate, m, settings),
+            cache=self.cache,
         )
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         await self.runtime.upstreams.start()
+        if self.cache is not None:
+            await self.sync_cache()
+            self._spawn(self._sync_cache_forever())
         self._spawn(self._watch_keys())
         if self.metrics.multiprocess:
             # /metrics sums every worker's files, but only the answering worker refreshes its
@@ -131,6 +148,8 @@ class Gateway:
             t.cancel()
         for rt in (*self._retired, self.runtime):
             await rt.close()
+        if self.cache is not None:
+            await self.cache.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -144,13 +163,27 @@ class Gateway:
             if self.keys.changed():
                 self.reload_keys()
 
+    async def sync_cache(self) -> None:
+        """Start a new cache epoch for every model a replica of which came back (cache.py)."""
+        assert self.cache is not None
+        pools = self.runtime.upstreams.pools.values()
+        await self.cache.sync_epochs({p.fingerprint: p.restarts for p in pools})
+
+    async def _sync_cache_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            try:
+                await self.sync_cache()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("cache epoch sync failed")
+
     async def _refresh_gauges_forever(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             self.refresh_gauges()
 
     def refresh_gauges(self) -> None:
-        refresh_gauges(self.metrics, self.gate, self.runtime.upstreams)
+        refresh_gauges(self.metrics, self.gate, self.runtime.upstreams, self.cache)
 
     # ---- what the operational routes show ------------------------------------------------------
     def metrics_text(self) -> bytes:

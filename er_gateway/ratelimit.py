@@ -100,6 +100,13 @@ class RateLimiter:
         # Token costs can be large: only the O(1) counter is suitable.
         self._tokens = SlidingWindowCounterRateLimiter(self.storage)
         self._items: dict[str, RateLimitItem] = {}
+        # Redis: the request hit and the read behind X-RateLimit-Remaining in one round trip
+        # (limits makes them two), the same keys and arithmetic as limits' own scripts.
+        self._hit_and_read = (
+            self.storage.bridge.get_connection().register_script(HIT_AND_READ)
+            if isinstance(self.storage, RedisStorage) and hasattr(self.storage.bridge, "get_connection")
+            else None
+        )
         self.default_rate = default_rate
         self.default_tokens = default_tokens
         self.on_storage_error = on_storage_error
@@ -118,8 +125,11 @@ class RateLimiter:
         """Count `cost` requests for `key`; raise 429 (with Retry-After) when they do not fit."""
         item = self.item(key.rate_limit or self.default_rate)
         try:
-            allowed = await self._call(self._requests.hit(item, "req", key.name, cost=cost))
-            budget = await self._budget(self._requests, item, "req", key.name)
+            if self._hit_and_read is not None and self.strategy == "sliding-window":
+                allowed, budget = await self._call(self._redis_hit(item, key.name, cost))
+            else:
+                allowed = await self._call(self._requests.hit(item, "req", key.name, cost=cost))
+                budget = await self._budget(self._requests, item, "req", key.name)
         except _StorageDown:
             return {"X-RateLimit-Limit": str(item.amount)}
         headers = budget.headers()
@@ -140,6 +150,23 @@ class RateLimiter:
                 headers=headers,
             )
         return headers
+
+    async def _redis_hit(self, item: RateLimitItem, name: str, cost: int) -> tuple[bool, Budget]:
+        """The sliding-window hit and the window read for the headers in one Redis call."""
+        assert self._hit_and_read is not None and isinstance(self.storage, RedisStorage)
+        storage, bridge = self.storage, self.storage.bridge
+        key = item.key_for("req", name)
+        keys = [
+            bridge.prefixed_key(storage._previous_window_key(key)),
+            bridge.prefixed_key(storage._current_window_key(key)),
+        ]
+        expiry = item.get_expiry()
+        acquired, prev, prev_ttl, cur, cur_ttl = await self._hit_and_read(keys, [item.amount, expiry, cost])
+        budget = sliding_budget(
+            item.amount, expiry, int(prev or 0), max(0, float(prev_ttl or 0)) / 1000, int(cur or 0),
+            max(0, float(cur_ttl or 0)) / 1000,
+        )  # fmt: skip
+        return bool(acquired), budget
 
     async def check_request(self, key: ApiKey) -> dict[str, str]:
         """429 if `key` has no request left, without counting one (for work charged later)."""
@@ -322,6 +349,38 @@ class RateLimiter:
             return bool(await self.storage.check())
         except Exception:  # noqa: BLE001
             return False
+
+
+# limits' acquire_sliding_window.lua, answering the window as its sliding_window.lua reads it:
+# {acquired, previous count, previous TTL ms, current count, current TTL ms}.
+HIT_AND_READ = """
+local limit = tonumber(ARGV[1])
+local expiry = tonumber(ARGV[2]) * 1000
+local amount = tonumber(ARGV[3])
+local current_ttl = tonumber(redis.call('pttl', KEYS[2]))
+if current_ttl > 0 and current_ttl < expiry then
+    redis.call('rename', KEYS[2], KEYS[1])
+    redis.call('set', KEYS[2], 0, 'PX', current_ttl + expiry)
+end
+local previous_count = tonumber(redis.call('get', KEYS[1])) or 0
+local previous_ttl = tonumber(redis.call('pttl', KEYS[1])) or 0
+local current_count = tonumber(redis.call('get', KEYS[2])) or 0
+current_ttl = tonumber(redis.call('pttl', KEYS[2])) or 0
+if previous_ttl <= 0 then previous_ttl = 0 end
+if current_ttl <= 0 then current_ttl = 0 end
+local weighted_count = math.floor(previous_count * previous_ttl / expiry) + current_count
+if amount > limit or (weighted_count + amount) > limit then
+    return {0, previous_count, previous_ttl, current_count, current_ttl}
+end
+if redis.call('exists', KEYS[2]) == 1 then
+    current_count = redis.call('incrby', KEYS[2], amount)
+else
+    redis.call('set', KEYS[2], amount, 'PX', expiry * 2)
+    current_count = amount
+end
+current_ttl = tonumber(redis.call('pttl', KEYS[2])) or 0
+return {1, previous_count, previous_ttl, current_count, current_ttl}
+"""
 
 
 class _StorageDown(Exception):

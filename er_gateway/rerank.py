@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.responses import Response
 
 from .admission import Admission
+from .cache import ResultCache, entry, parse_entry
 from .catalog import use_backend_name
 from .coalesce import Member, apportion
 from .dispatch import gather_all
@@ -195,13 +197,18 @@ async def score(
         base["chat_template_kwargs"] = {"instruction": instruction}
     if truncate is not None:
         base["truncate_prompt_tokens"] = truncate
+    cached = await _lookup(rt, pool, adm, base, docs)
+    todo = docs if cached is None else [docs[i] for i in cached.missing]
+    if not todo:  # every pair known: vLLM is not asked
+        assert cached is not None
+        return cached.merge([], [], 0)
     try:
-        merged = await _coalesced(rt, pool, adm, base, docs)
+        merged = await _coalesced(rt, pool, adm, base, todo)
         if merged is not None:
-            parts = [(docs, merged)]
+            parts = [(todo, merged)]
         else:
             parts = await rt.dispatch.split(
-                pool, "/score", docs, rt.settings.max_batch_docs, lambda c: orjson.dumps({**base, "text_2": c}), adm
+                pool, "/score", todo, rt.settings.max_batch_docs, lambda c: orjson.dumps({**base, "text_2": c}), adm
             )
     except GatewayError as e:
         if e.status == 400 and "context length" in e.message:
@@ -218,7 +225,73 @@ async def score(
             tokens += int((data.get("usage") or {}).get("total_tokens") or 0)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise GatewayError(502, f"backend answered /score with an unexpected body ({e})") from None
-    return scores, tokens
+    if cached is None:
+        return scores, tokens
+    return cached.merge(scores, await _pair_tokens(rt, pool, text_1, todo, tokens), tokens)
+
+
+@dataclass
+class _Cached:
+    """One request's pairs in the result cache (cache.py): which are known, which are not."""
+
+    cache: ResultCache
+    keys: list[bytes]
+    hits: dict[int, tuple[int, float]]  # document index -> (tokens, score)
+    missing: list[int]
+
+    def merge(self, scores: list[float], shares: list[int] | None, tokens: int) -> tuple[list[float], int]:
+        """Every document's score in order and the tokens of all pairs (cached ones too), storing
+        the fresh ones (`shares`: each fresh pair's tokens, None when not known exactly)."""
+        if shares is not None and scores:
+            self.cache.put_many(
+                [
+                    (self.keys[i], entry(n, repr(sc).encode()))
+                    for i, n, sc in zip(self.missing, shares, scores, strict=True)
+                ]
+            )
+        out = [0.0] * (len(self.hits) + len(self.missing))
+        for i, (_, sc) in self.hits.items():
+            out[i] = sc
+        for i, sc in zip(self.missing, scores, strict=True):
+            out[i] = sc
+        return out, tokens + sum(t for t, _ in self.hits.values())
+
+
+async def _lookup(rt: Runtime, pool: Pool, adm: Admission, base: dict[str, Any], docs: list[str]) -> _Cached | None:
+    """The pairs (the query and instruction in `base`, each document) in the result cache, or
+    None without a cache. Adds to `X-Cache-Hits` (a /batch_rerank's items add up) and counts."""
+    cache = rt.cache
+    if cache is None or not docs:
+        return None
+    keys = cache.keys(cache.namespace(pool.fingerprint, orjson.dumps(base, option=orjson.OPT_SORT_KEYS)), docs)
+    hits: dict[int, tuple[int, float]] = {}
+    for i, raw in enumerate(await cache.get_many(keys)):
+        found = parse_entry(raw) if raw is not None else None
+        if found is not None:
+            try:
+                hits[i] = (found[0], float(found[1]))
+            except ValueError:
+                pass  # not an entry of ours: a miss
+    missing = [i for i in range(len(docs)) if i not in hits]
+    adm.headers["X-Cache-Hits"] = str(int(adm.headers.get("X-Cache-Hits", 0)) + len(hits))
+    m = rt.dispatch.metrics
+    if hits:
+        m.child(m.cache_hits, pool.model.name).inc(len(hits))
+    if missing:
+        m.child(m.cache_misses, pool.model.name).inc(len(missing))
+    return _Cached(cache, keys, hits, missing)
+
+
+async def _pair_tokens(rt: Runtime, pool: Pool, text_1: str, docs: list[str], total: int) -> list[int] | None:
+    """Each pair's share of `total` (exact for one pair, or counted with the tokenizer), or
+    None when it cannot be known exactly."""
+    if len(docs) == 1:
+        return [total]
+    tokenizer = rt.catalog.tokenizer(pool.model)
+    if tokenizer is None:
+        return None
+    counts = await tokenizer.count_many_async([text_1, *docs])
+    return apportion(total, [counts[0] + c for c in counts[1:]], [1] * len(docs))
 
 
 async def _coalesced(

@@ -114,6 +114,8 @@ class Settings(BaseModel):
     coalesce_wait_ms: float = Field(2.0, ge=0, le=1000)
     coalesce_max_inputs: int = Field(64, ge=1)
     coalesce_max_tokens: int = Field(16384, ge=1)
+    cache_size: float = Field(256.0, ge=0)  # MB; 0 turns the result cache off
+    cache_ttl: float = Field(86400.0, gt=0)
     workers: int = Field(1, ge=1)
     log_dir: str = "logs"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -333,6 +335,13 @@ OPTIONS: tuple[Option, ...] = (
         "most tokens in one merged upstream call, bounded by UTF-8 bytes (bigger requests go alone)",
         "N",
     ),
+    Option(
+        "cache_size",
+        "MB of embedding vectors and rerank scores kept for identical inputs (LRU; shared through "
+        "Redis with --redis-url); 0: no cache",
+        "MB",
+    ),
+    Option("cache_ttl", "seconds a cached result lives in Redis", "S"),
     Option("workers", "worker processes (more than 1 needs --redis-url)", "N"),
     Option("log_dir", "directory of embedding_reranker_proxy.log and access.log", "DIR"),
     Option("log_level", "debug | info | warning | error", "LEVEL"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .cache import ResultCache
 from .catalog import Catalog
 from .concurrency import FairGate
 from .errors import GatewayError
@@ -56,8 +57,10 @@ def snapshot(
     }
 
 
-def refresh_gauges(m: Metrics, gate: FairGate, upstreams: Upstreams) -> None:
+def refresh_gauges(m: Metrics, gate: FairGate, upstreams: Upstreams, cache: ResultCache | None = None) -> None:
     m.in_flight.set(gate.in_flight)
+    if cache is not None:
+        m.cache_bytes.set(cache.size)
     m.waiting.set(gate.waiting)
     now = time.monotonic()
     for name, pool in upstreams.pools.items():

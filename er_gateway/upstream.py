@@ -49,6 +49,10 @@ class Replica:
     # model names and the context length. Empty/None until it has answered once.
     served: tuple[str, ...] = ()
     max_model_len: int | None = None
+    roots: tuple[str, ...] = ()  # the weights each served model is loaded from (`root`)
+    # Times it came back after failing its health check: a restart, perhaps with new weights
+    # at the same path; the result cache starts a new epoch for its model (cache.py).
+    restarts: int = 0
     # Being restarted by /reload_model (manage.py): takes no new requests meanwhile.
     draining: bool = False
 
@@ -124,6 +128,17 @@ class Pool:
         """The smallest context length a healthy replica reports: a request must fit any of them."""
         lens = [r.max_model_len for r in self.replicas if r.max_model_len and r.healthy]
         return min(lens) if lens else None
+
+    @property
+    def fingerprint(self) -> str:
+        """What a cached result of this model depends on: its name, the name vLLM serves it
+        under, and each replica's URL and weights (cache.py adds the restart epoch)."""
+        replicas = ";".join(f"{r.url}={','.join(r.roots)}" for r in self.replicas)
+        return f"{self.model.name}|{self.model.kind}|{self.model.prompt}|{self.upstream_name}|{replicas}"
+
+    @property
+    def restarts(self) -> int:
+        return sum(r.restarts for r in self.replicas)
 
     def model_field(self) -> dict[str, str]:
         """`{"model": name}` for an upstream body the gateway builds ({} when replicas differ)."""
@@ -347,6 +362,7 @@ class Upstreams:
         if ok and not replica.healthy:
             log.info("replica %s is healthy again", replica.url)
             replica.ejected_until = 0.0
+            replica.restarts += 1
         elif not ok and replica.healthy:
             log.warning("replica %s failed its health check: %s", replica.url, error)
         replica.healthy = ok
@@ -368,12 +384,14 @@ class Upstreams:
             cards = orjson.loads(resp.body)["data"][:MODELS_MAX_NAMES]
             served = tuple(c["id"] for c in cards if isinstance(c.get("id"), str) and 0 < len(c["id"]) <= 256)
             lens = [n for c in cards if type(n := c.get("max_model_len")) is int and 16 <= n <= 1 << 24]
+            roots = tuple(str(c.get("root"))[:1024] for c in cards if isinstance(c.get("id"), str))
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return
         if served and served != replica.served:
             log.info("replica %s serves %s", replica.url, log_field(", ".join(served)))
         replica.served = served or replica.served
         replica.max_model_len = min(lens) if lens else replica.max_model_len
+        replica.roots = roots if served else replica.roots
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(r) for r in self.replicas()))

@@ -113,6 +113,7 @@ class Fake:
         self.current = 0
         self.max_seen = 0
         self.requests = 0
+        self.inputs = 0  # embedding inputs and score documents asked for
         self.by_path: dict[str, int] = {}
         self.last_headers: dict[str, str] = {}
         self.last_body: Any = None
@@ -166,6 +167,8 @@ class Fake:
                 return self.error(400, "Input should be a valid dictionary", "BadRequestError")
             if self.engine is not None:
                 await self.engine.run(items_of(data))
+            if request.path in ("/v1/embeddings", "/score", "/v1/score"):
+                self.inputs += items_of(data)
             answer = await handler(data)
             if fault == "one_short" and answer.status == 200:  # a 200 with one result fewer than asked
                 body = orjson.loads(answer.body)  # type: ignore[arg-type]
@@ -371,6 +374,7 @@ def make_app(fake: Fake, api_key: str | None = None) -> web.Application:
                 "max_concurrent": fake.max_seen,
                 "current": fake.current,
                 "requests": fake.requests,
+                "inputs": fake.inputs,
                 "by_path": fake.by_path,
                 "last_headers": fake.last_headers,
                 "last_body": fake.last_body,
@@ -387,7 +391,7 @@ def make_app(fake: Fake, api_key: str | None = None) -> web.Application:
         if "flat_errors" in data:
             fake.flat_errors = bool(data["flat_errors"])
         if data.get("reset_stats"):
-            fake.max_seen = fake.requests = 0
+            fake.max_seen = fake.requests = fake.inputs = 0
             fake.by_path = {}
         return web.json_response({"ok": True})
 

@@ -199,3 +199,50 @@ async def test_breaker_closes_when_redis_answers_again(tmp_path) -> None:  # typ
         assert e.value.status == 429 and limiter._open_until == 0.0
     finally:
         redis.stop()
+
+
+# ---- Redis: one round trip per request ----------------------------------------------------------
+async def test_a_request_hit_in_redis_is_one_call_and_agrees_with_limits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The hit and the window read behind X-RateLimit-Remaining are one Redis command, and give
+    what limits' own hit followed by its own read give (the oracle, on a twin key)."""
+    from conftest import start_redis
+    from limits import parse
+    from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+    redis = start_redis(tmp_path)
+    try:
+        limiter = RateLimiter("10/minute", None, redis.url)
+        oracle = SlidingWindowCounterRateLimiter(limiter.storage)
+        item = parse("10/minute")
+        twin = ApiKey(name="twin", hash="h2", created="")
+        await limiter.hit_request(KEY)
+        await oracle.hit(item, "req", twin.name)  # the twin starts where KEY is
+        for cost in (1, 3, 2, 5, 1, 4):
+            try:
+                headers = await limiter.hit_request(KEY, cost)
+                allowed = True
+            except GatewayError as e:
+                headers, allowed = e.headers, False
+            want = await oracle.hit(item, "req", twin.name, cost=cost)
+            prev, prev_ttl, cur, cur_ttl = await limiter.storage.get_sliding_window(  # type: ignore[attr-defined]
+                item.key_for("req", twin.name), item.get_expiry()
+            )
+            budget = sliding_budget(item.amount, item.get_expiry(), prev, prev_ttl, cur, cur_ttl)
+            assert allowed == want, cost
+            assert int(headers["X-RateLimit-Remaining"]) == budget.remaining, cost
+        # every command the limiter sends, counted where redis-py sends it
+        client = limiter.storage.bridge.get_connection()  # type: ignore[attr-defined]
+        sent: list[object] = []
+        real = client.execute_command
+
+        async def counted(*args: object, **kw: object) -> object:
+            sent.append(args[0])
+            return await real(*args, **kw)
+
+        client.execute_command = counted
+        other = ApiKey(name="fresh", hash="h3", created="")
+        for _ in range(5):
+            await limiter.hit_request(other)
+        assert sent == ["EVALSHA"] * 5  # one round trip per request
+    finally:
+        redis.stop()

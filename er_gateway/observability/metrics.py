@@ -78,6 +78,18 @@ class Metrics:
         self.retries = Counter(
             "er_upstream_retries_total", "Requests retried on another replica", ["model"], registry=r
         )
+        self.cache_hits = Counter(
+            "er_cache_hits_total", "Inputs (rerank: pairs) answered from the result cache", ["model"], registry=r
+        )
+        self.cache_misses = Counter(
+            "er_cache_misses_total",
+            "Inputs (rerank: pairs) looked up in the result cache and sent to vLLM",
+            ["model"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "er_cache_bytes", "Bytes the in-memory result cache holds", registry=r, multiprocess_mode="livesum"
+        )
         self.coalesced = Histogram(
             "er_coalesced_requests",
             "Requests merged into one upstream call (only merged calls are observed)",
