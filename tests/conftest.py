@@ -172,7 +172,13 @@ def start_gateway(
     port: int | None = None,
     admin_key: bool = True,
     wait: bool = True,
+    cache: bool = False,
 ) -> GatewayProc:
+    """A gateway process. The result cache is off unless `cache` (or a --cache-size is given):
+    a test of upstream behaviour must reach the upstream every time; tests/test_cache.py, the
+    clients' tests and the real-vLLM tier run it as users do."""
+    if not cache and "--cache-size" not in args:
+        args = (*args, "--cache-size", "0")
     tmp.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     keys_file = keys_file or tmp / "er_api_keys.json"
@@ -227,16 +233,20 @@ class Stack:
     gw: GatewayProc
 
 
+def make_stack(tmp: Path, *, cache: bool = False) -> Stack:
+    emb = start_backend(tmp, "embedding", extra=["--matryoshka"])
+    rer = start_backend(tmp, "rerank")
+    gw = start_gateway(tmp, *backend_args(emb, rer), "--health-interval", "0.5", cache=cache)
+    wait_until(lambda: httpx.get(gw.url + "/health").status_code == 200, 10, "gateway healthy")
+    return Stack(emb, rer, gw)
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One gateway in front of an embedding and a reranker stand-in, shared by a test module."""
-    tmp = tmp_path_factory.mktemp("stack")
-    emb = start_backend(tmp, "embedding", extra=["--matryoshka"])
-    rer = start_backend(tmp, "rerank")
-    gw = start_gateway(tmp, *backend_args(emb, rer), "--health-interval", "0.5")
-    wait_until(lambda: httpx.get(gw.url + "/health").status_code == 200, 10, "gateway healthy")
-    yield Stack(emb, rer, gw)
-    for p in (gw, emb, rer):
+    st = make_stack(tmp_path_factory.mktemp("stack"))
+    yield st
+    for p in (st.gw, st.emb, st.rer):
         p.stop()
 
 

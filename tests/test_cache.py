@@ -31,7 +31,7 @@ def gateway(tmp: Path, emb: Backend, rer: Backend | None = None, *extra: str, **
         args += ["--reranker-url", rer.url, "--reranker-tokenizer", tok]
     else:
         args += ["--reranker-url", "none"]
-    gw = start_gateway(tmp, *args, *extra, **kw)
+    gw = start_gateway(tmp, *args, *extra, cache=True, **kw)
     wait_until(lambda: httpx.get(gw.url + "/health").status_code == 200, 10, "gateway healthy")
     return gw
 

@@ -5,13 +5,23 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import cohere
 import openai
 import pytest
-from conftest import EMB, RER, ROOT, GatewayProc, Stack
+from conftest import EMB, RER, ROOT, GatewayProc, Stack, make_stack
 from fake_vllm import embed_vector
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Clients meet the gateway as users run it: every default on, the result cache included."""
+    st = make_stack(tmp_path_factory.mktemp("clients"), cache=True)
+    yield st
+    for p in (st.gw, st.emb, st.rer):
+        p.stop()
 
 
 def test_openai_sdk_embeddings_base64_default(stack: Stack) -> None:
