@@ -272,6 +272,13 @@ def start_gateway(
         backend,
         "--workers",
         str(workers),
+        # nginx answers every request with the same canned body: a result cache would answer
+        # them all itself and a merged call would get a one-input answer. What the proxy path
+        # costs is measured here; coalescing and the cache are measured against real vLLM
+        # (bench/real_vllm.py).
+        "--cache-size",
+        "0",
+        "--no-coalesce",
     ]
     if redis_url:
         cmd += ["--redis-url", redis_url]
@@ -635,17 +642,25 @@ def main() -> None:
             time.sleep(0.5)
             _, _, _, body = SCENARIOS["small-embeddings"]
             try:
-                for w in (1, args.workers):
-                    gw, gw_url, key = start_gateway(work, ports, "small", w, f"redis://127.0.0.1:{redis_port}/0")
+                redis_url = f"redis://127.0.0.1:{redis_port}/0"
+                rps: dict[str, float] = {}
+                # one worker in memory, then with Redis, then N workers with Redis: same-run ratios
+                for w, url in ((1, None), (1, redis_url), (args.workers, redis_url)):
+                    name = f"workers-{w}-{'redis' if url else 'memory'}"
+                    gw, gw_url, key = start_gateway(work, ports, "small", w, url)
                     try:
                         wrk(gw_url + "/v1/embeddings", body, key, 64, 2, work)
                         r = wrk(gw_url + "/v1/embeddings", body, key, 64, args.duration, work)
-                        print(
-                            f"workers={w} with redis: {r['rps']:.0f} rps, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms"
-                        )
-                        results.append({"scenario": f"workers-{w}-redis", "conns": 64, **r})
+                        rps[name] = r["rps"]
+                        print(f"{name}: {r['rps']:.0f} rps, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms")
+                        results.append({"scenario": name, "conns": 64, **r})
                     finally:
                         stop(gw)
+                one = rps["workers-1-redis"]
+                print(
+                    f"redis / memory (1 worker): {one / rps['workers-1-memory']:.2f}x; "
+                    f"{args.workers} workers / 1 (redis): {rps[f'workers-{args.workers}-redis'] / one:.2f}x"
+                )
             finally:
                 stop(redis)
         if args.litellm:

@@ -123,9 +123,7 @@ class _Cached:
             {"id": f"embd-{adm.info.request_id}", "object": "list", "created": int(time.time()),
              "model": pool.upstream_name or pool.model.name}
         )  # fmt: skip
-        usage = orjson.dumps(
-            {"prompt_tokens": total, "total_tokens": total, "completion_tokens": 0, "prompt_tokens_details": None}
-        )
+        usage = orjson.dumps({"prompt_tokens": total, "total_tokens": total, **pool.usage_extra})
         return head[:-1] + b',"data":[' + b",".join(parts) + b'],"usage":' + usage + b"}"
 
     async def fill(self, rt: Runtime, pool: Pool, adm: Admission, body: bytes) -> bytes:
@@ -134,11 +132,13 @@ class _Cached:
             answer = orjson.loads(body)
             items = sorted(answer["data"], key=lambda x: x["index"])
             values = [orjson.dumps(x["embedding"]) for x in items]
-            total = int(answer["usage"]["total_tokens"])
+            usage = answer["usage"]
+            total = int(usage["total_tokens"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise GatewayError(502, "backend answered with something that is not an embeddings list") from None
         if len(values) != len(self.missing):
             raise GatewayError(502, f"backend answered {len(values)} embeddings for {len(self.missing)} inputs")
+        pool.usage_extra = {k: v for k, v in usage.items() if k not in ("prompt_tokens", "total_tokens")}
         sent = [self.texts[i] for i in self.missing]
         tokenizer = rt.catalog.tokenizer(pool.model)
         if len(sent) == 1:

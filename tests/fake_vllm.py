@@ -233,6 +233,7 @@ class Fake:
                 "total_tokens": tokens,
                 "completion_tokens": 0,
                 "prompt_tokens_details": None,
+                "completion_tokens_details": None,  # vLLM 0.32 writes it too
             },
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
@@ -282,6 +283,7 @@ class Fake:
                 "total_tokens": tokens,
                 "completion_tokens": 0,
                 "prompt_tokens_details": None,
+                "completion_tokens_details": None,  # vLLM 0.32 writes it too
             },
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")

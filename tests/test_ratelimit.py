@@ -246,3 +246,33 @@ async def test_a_request_hit_in_redis_is_one_call_and_agrees_with_limits(tmp_pat
         assert sent == ["EVALSHA"] * 5  # one round trip per request
     finally:
         redis.stop()
+
+
+async def test_concurrent_hits_share_a_pipeline_and_stay_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Hits of one event-loop turn go to Redis together; each still gets its own verdict and
+    its own remaining count, and the limit holds exactly."""
+    from conftest import start_redis
+
+    redis = start_redis(tmp_path)
+    try:
+        limiter = RateLimiter("10/minute", None, redis.url)
+        await limiter.hit_request(ApiKey(name="warm", hash="w", created=""))  # the script is loaded
+
+        async def one() -> int | None:
+            try:
+                return int((await limiter.hit_request(KEY))["X-RateLimit-Remaining"])
+            except GatewayError as e:
+                assert e.status == 429 and int(e.headers["Retry-After"]) >= 1
+                return None
+
+        remaining = await asyncio.gather(*(one() for _ in range(25)))
+        assert sorted(r for r in remaining if r is not None) == list(range(10))  # 10 allowed: 9 .. 0 left
+        assert remaining.count(None) == 15
+        # a Redis that lost the script (restarted, flushed) is answered all the same
+        client = limiter._hit_and_read.registered_client  # type: ignore[union-attr]
+        await client.script_flush()
+        other = ApiKey(name="other", hash="o", created="")
+        results = await asyncio.gather(*(limiter.hit_request(other) for _ in range(3)))
+        assert sorted(int(h["X-RateLimit-Remaining"]) for h in results) == [7, 8, 9]
+    finally:
+        redis.stop()

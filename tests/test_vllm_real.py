@@ -484,6 +484,41 @@ def test_coalesced_requests_get_what_they_would_get_alone(tier: Tier, tmp_path: 
         alone.stop()
 
 
+def test_cached_results_are_vllm_s_own(tier: Tier, tmp_path: Path) -> None:
+    """The result cache on real vLLM: a repeated request is answered without it, exactly as it
+    answered first; a partly cached one equals the uncached answer."""
+    urls = ["--embedding-url", f"http://127.0.0.1:{tier.env_a['EMBEDDING_PORT']}"]
+    urls += ["--reranker-url", f"http://127.0.0.1:{tier.env_a['RERANKER_PORT']}"]
+    toks = ["--embedding-tokenizer", str(tier.models / "tiny-qwen3-embedding")]
+    toks += ["--reranker-tokenizer", str(tier.models / "tiny-qwen3-reranker")]
+    common = [*urls, *toks, "--embedding-model", EMB_NAME, "--reranker-model", RER_NAME]
+    env = {"ER_BACKEND_API_KEY": tier.backend_key}
+    gw = start_gateway(tmp_path / "cached", *common, env=env, cache=True)
+    try:
+        texts = ["cached sentence about Paris", "another one about Berlin", "a third, in French: bonjour"]
+        first = gw.post("/v1/embeddings", {"input": texts[:2], "input_type": "query"})
+        again = gw.post("/v1/embeddings", {"input": texts[:2], "input_type": "query"})
+        assert first.headers["x-cache-hits"] == "0" and again.headers["x-cache-hits"] == "2"
+        assert again.json()["data"] == first.json()["data"] and again.json()["usage"] == first.json()["usage"]
+        mixed = gw.post("/v1/embeddings", {"input": texts, "input_type": "query"})
+        whole = tier.gw.post("/v1/embeddings", {"input": texts, "input_type": "query", "model": EMB_NAME})
+        assert mixed.headers["x-cache-hits"] == "2" and mixed.json()["usage"] == whole.json()["usage"]
+        for x, y in zip(mixed.json()["data"], whole.json()["data"], strict=True):
+            assert x["index"] == y["index"] and cosine(x["embedding"], y["embedding"]) >= 0.99999
+        body = {"query": QUERY, "documents": DOCS}
+        ranked = gw.post("/v1/rerank", body)
+        cached = gw.post("/v1/rerank", body)
+        assert cached.headers["x-cache-hits"] == str(len(DOCS))
+        assert cached.json()["results"] == ranked.json()["results"] and cached.json()["usage"] == ranked.json()["usage"]
+        more = gw.post("/v1/rerank", {**body, "documents": [*DOCS, "Lyon is in France."]})
+        alone = tier.gw.post("/v1/rerank", {**body, "documents": [*DOCS, "Lyon is in France."]})
+        assert more.headers["x-cache-hits"] == str(len(DOCS)) and more.json()["usage"] == alone.json()["usage"]
+        for x, y in zip(more.json()["results"], alone.json()["results"], strict=True):
+            assert x["index"] == y["index"] and abs(x["relevance_score"] - y["relevance_score"]) <= 1e-5
+    finally:
+        gw.stop()
+
+
 def test_reload_model_switches_the_reranker_checkpoint(tier: Tier, tmp_path: Path) -> None:
     """--manage-models: the /reload_model body restarts A's reranker on another tiny
     checkpoint through start_vllm_models.sh; the scores become that checkpoint's, and a reload
