@@ -128,6 +128,21 @@ class _Cached:
 
     async def fill(self, rt: Runtime, pool: Pool, adm: Admission, body: bytes) -> bytes:
         """Store what vLLM answered for the missing inputs; the whole answer if some were cached."""
+        if len(self.missing) == 1 and not self.hits:
+            # The common miss (one input): its vector's bytes and the usage found without
+            # decoding the vector, which for 1,024 floats is most of what storing would cost.
+            found = _only_embedding(body)
+            if found is not None:
+                value, usage_at = found
+                try:
+                    usage = orjson.loads(body[usage_at:-1])
+                    total = int(usage["total_tokens"])
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    usage = None
+                if isinstance(usage, dict):
+                    pool.usage_extra = {k: v for k, v in usage.items() if k not in ("prompt_tokens", "total_tokens")}
+                    self.cache.put_many([(self.keys[0], entry(total, value))])
+                    return body
         try:
             answer = orjson.loads(body)
             items = sorted(answer["data"], key=lambda x: x["index"])
@@ -154,6 +169,24 @@ class _Cached:
         if not self.hits:
             return body  # nothing was cached: vLLM's answer as it came
         return self.answer(pool, adm, dict(zip(self.missing, values, strict=True)), total)
+
+
+def _only_embedding(body: bytes) -> tuple[bytes, int] | None:
+    """(the one embedding's JSON, where `usage`'s object starts) in a one-input answer as vLLM
+    writes it (`usage` last), or None if the body is not plainly that (then it is decoded)."""
+    at = body.find(b'"embedding":')
+    if at < 0 or body.find(b'"embedding":', at + 12) >= 0:
+        return None
+    start = at + 12
+    first = body[start : start + 1]
+    end = body.find(b"]" if first == b"[" else b'"', start + 1) if first in (b"[", b'"') else -1
+    usage = body.rfind(b'"usage":')
+    if end < 0 or usage < end or body[-1:] != b"}":
+        return None
+    value = body[start : end + 1]
+    if first == b"[" and b"[" in value[1:]:
+        return None  # nested: not a vector of numbers
+    return value, usage + 8
 
 
 async def _lookup(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, Any]) -> _Cached | None:

@@ -92,10 +92,15 @@ class Pool:
     # Set when the backend refused `dimensions` (not started as a Matryoshka model): the gateway
     # then cuts the vectors itself (embeddings.py).
     refuses_dimensions: bool = False
-    # `usage` fields vLLM writes beside the token counts (they vary by version), learnt from its
-    # answers, so an embeddings answer made from cached results has vLLM's shape (embeddings.py).
+    # `usage` fields vLLM writes beside the token counts (they vary by version; vLLM 0.32's
+    # until an answer says otherwise), so an embeddings answer made from cached results has
+    # vLLM's shape (embeddings.py).
     usage_extra: dict[str, object] = field(
-        default_factory=lambda: {"completion_tokens": 0, "prompt_tokens_details": None}
+        default_factory=lambda: {
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+            "completion_tokens_details": None,
+        }
     )
     # The `model` the backends are asked for: the configured backend name until they say what
     # they serve, then theirs. None when replicas serve different names: bodies then carry no

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from conftest import Backend, GatewayProc, start_backend, start_gateway, start_redis, wait_until
+from hypothesis import given
+from hypothesis import strategies as st
 from test_coalesce import same_answer, word_tokenizer
 
 
@@ -231,3 +234,31 @@ def test_no_cache_with_cache_size_0(backends: tuple[Backend, Backend], tmp_path:
         assert inputs(emb) == 2
     finally:
         g.stop()
+
+
+# ---- the one-input fast path: what it finds without decoding equals what decoding finds -----------
+@given(
+    st.one_of(
+        st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=64),
+        st.binary(min_size=4, max_size=64).map(lambda b: __import__("base64").b64encode(b).decode()),
+    ),
+    st.dictionaries(st.sampled_from(["completion_tokens", "prompt_tokens_details", "x"]), st.none(), max_size=3),
+    st.integers(0, 10**6),
+    st.booleans(),
+)
+def test_only_embedding_agrees_with_a_json_decoder(
+    embedding: Any, extra: dict[str, Any], tokens: int, two: bool
+) -> None:
+    from er_gateway.embeddings import _only_embedding
+
+    items = [{"index": i, "object": "embedding", "embedding": embedding} for i in range(2 if two else 1)]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens, **extra}
+    body = orjson.dumps({"id": "embd-1", "object": "list", "created": 1, "model": "m", "data": items, "usage": usage})
+    found = _only_embedding(body)
+    if two:
+        assert found is None  # not a one-input answer: decoded the slow way
+    else:
+        assert found is not None
+        value, at = found
+        assert orjson.loads(value) == orjson.loads(body)["data"][0]["embedding"]
+        assert orjson.loads(body[at:-1]) == usage
