@@ -45,6 +45,7 @@ class ResultCache:
         redis_url: str | None = None,
         *,
         ttl: float = 86400.0,
+        scope: str = "key",
         timeout: float = 0.5,
         breaker_interval: float = 5.0,
     ) -> None:
@@ -52,6 +53,7 @@ class ResultCache:
         self.size = 0
         self._lru: OrderedDict[bytes, bytes] = OrderedDict()
         self.ttl = ttl
+        self.per_key = scope == "key"
         self.breaker_interval = breaker_interval
         self._skip_redis_until = 0.0
         self._epochs: dict[str, int] = {}  # model fingerprint -> epoch
@@ -64,10 +66,12 @@ class ResultCache:
             self.redis = Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
     # ---- keys ---------------------------------------------------------------------------------
-    def namespace(self, fingerprint: str, params: bytes) -> bytes:
-        """The part of every key shared by one request's inputs."""
+    def namespace(self, fingerprint: str, params: bytes, key_name: str) -> bytes:
+        """The part of every key shared by one request's inputs (and, with `--cache-scope key`,
+        by one API key's requests only)."""
         epoch = self._epochs.get(fingerprint, 0)
-        return hashlib.sha256(f"{fingerprint}\0{epoch}\0".encode() + params).digest()
+        owner = key_name if self.per_key else ""
+        return hashlib.sha256(f"{fingerprint}\0{epoch}\0{owner}\0".encode() + params).digest()
 
     @staticmethod
     def keys(namespace: bytes, texts: Iterable[str]) -> list[bytes]:

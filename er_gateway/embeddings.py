@@ -198,7 +198,7 @@ async def _lookup(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, Any])
     if cache is None or not texts or not all(isinstance(t, str) for t in texts):
         return None
     params = orjson.dumps({k: v for k, v in data.items() if k not in ("input", "user")}, option=orjson.OPT_SORT_KEYS)
-    keys = cache.keys(cache.namespace(pool.fingerprint, params), texts)
+    keys = cache.keys(cache.namespace(pool.fingerprint, params, adm.key.name), texts)
     hits: dict[int, tuple[int, bytes]] = {}
     for i, raw in enumerate(await cache.get_many(keys)):
         found = parse_entry(raw) if raw is not None else None

@@ -61,6 +61,7 @@ RESTART_ONLY = (
     "host", "port", "workers", "max_concurrency", "max_concurrency_per_key", "queue_timeout", "keys_file",
     "header_timeout", "max_header_bytes", "keepalive_timeout", "max_connections", "ssl_certfile", "ssl_keyfile",
     "log_dir", "log_level", "log_format", "log_max_bytes", "log_backups", "access_log", "cache_size", "cache_ttl",
+    "cache_scope",
 )  # fmt: skip
 
 
@@ -80,6 +81,7 @@ class Gateway:
                 int(settings.cache_size * 1024 * 1024),
                 settings.redis_url,
                 ttl=settings.cache_ttl,
+                scope=settings.cache_scope,
                 timeout=settings.redis_timeout,
                 breaker_interval=settings.redis_breaker_interval,
             )

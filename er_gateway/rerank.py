@@ -263,7 +263,8 @@ async def _lookup(rt: Runtime, pool: Pool, adm: Admission, base: dict[str, Any],
     cache = rt.cache
     if cache is None or not docs:
         return None
-    keys = cache.keys(cache.namespace(pool.fingerprint, orjson.dumps(base, option=orjson.OPT_SORT_KEYS)), docs)
+    params = orjson.dumps(base, option=orjson.OPT_SORT_KEYS)
+    keys = cache.keys(cache.namespace(pool.fingerprint, params, adm.key.name), docs)
     hits: dict[int, tuple[int, float]] = {}
     for i, raw in enumerate(await cache.get_many(keys)):
         found = parse_entry(raw) if raw is not None else None

@@ -116,6 +116,7 @@ class Settings(BaseModel):
     coalesce_max_tokens: int = Field(16384, ge=1)
     cache_size: float = Field(256.0, ge=0)  # MB; 0 turns the result cache off
     cache_ttl: float = Field(86400.0, gt=0)
+    cache_scope: Literal["key", "shared"] = "key"
     workers: int = Field(1, ge=1)
     log_dir: str = "logs"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -342,6 +343,12 @@ OPTIONS: tuple[Option, ...] = (
         "MB",
     ),
     Option("cache_ttl", "seconds a cached result lives in Redis", "S"),
+    Option(
+        "cache_scope",
+        "key: each API key hits only its own entries (no key can learn what another embedded) | "
+        "shared: every key shares them (more hits, for one tenant)",
+        "SCOPE",
+    ),
     Option("workers", "worker processes (more than 1 needs --redis-url)", "N"),
     Option("log_dir", "directory of embedding_reranker_proxy.log and access.log", "DIR"),
     Option("log_level", "debug | info | warning | error", "LEVEL"),

@@ -262,3 +262,30 @@ def test_only_embedding_agrees_with_a_json_decoder(
         value, at = found
         assert orjson.loads(value) == orjson.loads(body)["data"][0]["embedding"]
         assert orjson.loads(body[at:-1]) == usage
+
+
+def test_one_key_cannot_learn_what_another_embedded(
+    gw: GatewayProc, backends: tuple[Backend, Backend], tmp_path: Path
+) -> None:
+    """With the default --cache-scope key, X-Cache-Hits (and the time a hit saves) cannot tell a
+    tenant whether another tenant has embedded a text; --cache-scope shared lets them share."""
+    other = gw.cli("keys", "create", "--name", "tenant-b", "--rpm", "1000").stdout.strip()
+    wait_until(lambda: gw.get("/v1/models", key=other).status_code == 200, 5, "keys reloaded")
+    secret = {"input": "patient 4711 has a rare condition"}
+    assert gw.post("/v1/embeddings", secret).headers["x-cache-hits"] == "0"
+    assert gw.post("/v1/embeddings", secret, key=other).headers["x-cache-hits"] == "0"
+    assert gw.post("/v1/embeddings", secret).headers["x-cache-hits"] == "1"
+    rerank = {"query": "who is ill", "documents": ["patient 4711"]}
+    gw.post("/v1/rerank", rerank)
+    assert gw.post("/v1/rerank", rerank, key=other).headers["x-cache-hits"] == "0"
+    shared = start_gateway(
+        tmp_path, "--embedding-url", backends[0].url, "--reranker-url", "none", "--cache-scope", "shared",
+        cache=True, keys_file=gw.keys_file,
+    )  # fmt: skip
+    shared.key = gw.key
+    try:
+        wait_until(lambda: httpx.get(shared.url + "/health").status_code == 200, 10, "gateway healthy")
+        shared.post("/v1/embeddings", secret)
+        assert shared.post("/v1/embeddings", secret, key=other).headers["x-cache-hits"] == "1"
+    finally:
+        shared.stop()
