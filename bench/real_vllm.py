@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import secrets
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run_bench import PY, free_port, stop, wait_http  # noqa: E402
+from run_bench import PY, free_port, parse_wrk, stop, wait_http  # noqa: E402
 
 from er_gateway.qwen3 import rerank_document_part, rerank_query_part  # noqa: E402
 from er_gateway.settings import DEFAULT_INSTRUCTION  # noqa: E402
@@ -87,17 +86,7 @@ end
         text=True,
     ).stdout
 
-    def lat(label: str) -> float:
-        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)", out, re.M)
-        if not m:
-            return float("nan")
-        v, unit = float(m.group(1)), m.group(2)
-        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": lat("50"), "p99": lat("99"),
-            "non2xx": int(non2xx.group(1)) if non2xx else 0}  # fmt: skip
+    return parse_wrk(out)
 
 
 def packed(body: dict, n: int) -> dict:

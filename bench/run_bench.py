@@ -185,6 +185,12 @@ def wrk(url: str, body: dict, key: str | None, conns: int, duration: int, work: 
         text=True,
     ).stdout
 
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """rps, p50/p99 in ms, non-2xx count and socket errors from `wrk --latency` output."""
+
     def lat(label: str) -> float:
         m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)", out, re.M)
         if not m:

@@ -200,6 +200,16 @@ class Coalescer:
             m.future.set_result(answer)
 
 
+def in_order(items: Any, n: int, what: str) -> list[dict[str, Any]]:
+    """A merged answer's `data`, sorted by `index`, if it holds exactly one result for each of
+    the `n` items sent (indexed 0..n-1); else a 502 (a broken or hostile backend)."""
+    if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+        raise GatewayError(502, f"backend answered with something that is not a list of {what}")
+    if sorted(x.get("index") for x in items if isinstance(x.get("index"), int)) != list(range(n)):
+        raise GatewayError(502, f"backend answered {len(items)} {what} for {n} inputs")
+    return sorted(items, key=lambda x: x["index"])
+
+
 def _own_copy(e: BaseException) -> Exception:
     """The error each member raises in its own request (a GatewayError's headers are changed
     there, so each gets its own); a cancelled batch (shutdown) is a 503 for its members."""

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from .admission import Admission
 from .cache import ResultCache, entry, parse_entry
 from .catalog import use_backend_name
-from .coalesce import Member, apportion
+from .coalesce import Member, apportion, in_order
 from .errors import GatewayError
 from .protocol import EmbeddingRequest
 from .qwen3 import embedding_query
@@ -255,12 +255,8 @@ class EmbeddingsCodec:
             merged = orjson.loads(answer)
             items = merged["data"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            items = None
-        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
-            raise GatewayError(502, "backend answered with something that is not an embeddings list")
-        if sorted(x.get("index") for x in items if isinstance(x.get("index"), int)) != list(range(n)):
-            raise GatewayError(502, f"backend answered {len(items)} embeddings for {n} inputs")
-        items.sort(key=lambda x: x["index"])
+            merged, items = {}, None
+        items = in_order(items, n, "embeddings")
         usage = merged.get("usage")
         usage = usage if isinstance(usage, dict) else {}
         total = usage.get("total_tokens")

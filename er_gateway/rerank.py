@@ -26,7 +26,7 @@ from starlette.responses import Response
 from .admission import Admission
 from .cache import ResultCache, entry, parse_entry
 from .catalog import use_backend_name
-from .coalesce import Member, apportion
+from .coalesce import Member, apportion, in_order
 from .dispatch import gather_all
 from .errors import GatewayError
 from .protocol import RerankRequest, ScoreRequest
@@ -339,12 +339,7 @@ class ScoreCodec:
         sizes = [len(m.items) for m in members]
         n = sum(sizes)
         data = self.alone(answer)
-        items = data.get("data")
-        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
-            raise GatewayError(502, "backend answered /score with an unexpected body (no data list)")
-        if sorted(x.get("index") for x in items if isinstance(x.get("index"), int)) != list(range(n)):
-            raise GatewayError(502, f"backend answered {len(items)} scores for {n} pairs")
-        items.sort(key=lambda x: x["index"])
+        items = in_order(data.get("data"), n, "scores")
         usage = data.get("usage")
         total = usage.get("total_tokens") if isinstance(usage, dict) else None
         counts = await tokenizer.count_many_async([t for m in members for t in (m.head or "", *m.items)])

@@ -434,16 +434,22 @@ def test_split_batch_across_two_real_replicas(tier: Tier) -> None:
     assert s["usage"] == w["usage"]
 
 
+def with_tokenizers(tier: Tier) -> tuple[list[str], dict[str, str]]:
+    """Flags and environment of a gateway in front of pair A that counts with the models' own
+    tokenizers (what coalescing and exact cache entries need)."""
+    args = ["--embedding-url", f"http://127.0.0.1:{tier.env_a['EMBEDDING_PORT']}"]
+    args += ["--reranker-url", f"http://127.0.0.1:{tier.env_a['RERANKER_PORT']}"]
+    args += ["--embedding-tokenizer", str(tier.models / "tiny-qwen3-embedding")]
+    args += ["--reranker-tokenizer", str(tier.models / "tiny-qwen3-reranker")]
+    args += ["--embedding-model", EMB_NAME, "--reranker-model", RER_NAME]
+    return args, {"ER_BACKEND_API_KEY": tier.backend_key}
+
+
 def test_coalesced_requests_get_what_they_would_get_alone(tier: Tier, tmp_path: Path) -> None:
     """Concurrent requests merged into shared upstream calls: each one's vectors, scores and
     usage equal what the same request gets alone (--no-coalesce), and one over-long input
     fails only its own request."""
-    urls = ["--embedding-url", f"http://127.0.0.1:{tier.env_a['EMBEDDING_PORT']}"]
-    urls += ["--reranker-url", f"http://127.0.0.1:{tier.env_a['RERANKER_PORT']}"]
-    toks = ["--embedding-tokenizer", str(tier.models / "tiny-qwen3-embedding")]
-    toks += ["--reranker-tokenizer", str(tier.models / "tiny-qwen3-reranker")]
-    common = [*urls, *toks, "--embedding-model", EMB_NAME, "--reranker-model", RER_NAME]
-    env = {"ER_BACKEND_API_KEY": tier.backend_key}
+    common, env = with_tokenizers(tier)
     co = start_gateway(tmp_path / "co", *common, "--coalesce-wait-ms", "50", env=env)
     alone = start_gateway(tmp_path / "alone", *common, "--no-coalesce", env=env, keys_file=co.keys_file)
     alone.key = co.key
@@ -487,12 +493,7 @@ def test_coalesced_requests_get_what_they_would_get_alone(tier: Tier, tmp_path: 
 def test_cached_results_are_vllm_s_own(tier: Tier, tmp_path: Path) -> None:
     """The result cache on real vLLM: a repeated request is answered without it, exactly as it
     answered first; a partly cached one equals the uncached answer."""
-    urls = ["--embedding-url", f"http://127.0.0.1:{tier.env_a['EMBEDDING_PORT']}"]
-    urls += ["--reranker-url", f"http://127.0.0.1:{tier.env_a['RERANKER_PORT']}"]
-    toks = ["--embedding-tokenizer", str(tier.models / "tiny-qwen3-embedding")]
-    toks += ["--reranker-tokenizer", str(tier.models / "tiny-qwen3-reranker")]
-    common = [*urls, *toks, "--embedding-model", EMB_NAME, "--reranker-model", RER_NAME]
-    env = {"ER_BACKEND_API_KEY": tier.backend_key}
+    common, env = with_tokenizers(tier)
     gw = start_gateway(tmp_path / "cached", *common, env=env, cache=True)
     try:
         texts = ["cached sentence about Paris", "another one about Berlin", "a third, in French: bonjour"]
