@@ -13,7 +13,8 @@ Scenarios:
 - embed-1: one input per /v1/embeddings request; direct is the same body to vLLM's /v1/embeddings;
 - rerank-4: one query and 4 documents per /v1/rerank request (gateway prompt mode); direct is the
   /score request the gateway would send alone (the rendered Qwen3 prompt).
-Paths: direct, gateway (coalescing on, the default) and gateway --no-coalesce, measured in
+Paths: direct, gateway (its defaults: coalescing and the result cache on; every input is new,
+so the cache only costs its misses) and gateway --no-coalesce, measured in
 interleaved rounds; the median round is reported with inputs/s (documents/s for rerank) and the
 ratio to direct in the same round. At c > 1, "packed" is the ceiling any merging could reach on
 this machine: the same c requests' inputs sent by one client as one request, back to back (its
@@ -60,7 +61,9 @@ def vllm_bin_dir() -> Path:
 
 
 def wrk(url: str, template: dict, key: str, conns: int, duration: int, work: Path) -> dict[str, float]:
-    """wrk with a body per request: {N} in `template` becomes "<thread>-<count>"."""
+    """wrk with a body per request: {N} in `template` becomes "<run>-<thread>-<count>", unique
+    across every run (the gateways' result caches must never answer)."""
+    run = secrets.token_hex(4)
     lua = work / f"bench-{conns}.lua"
     text = json.dumps(template)
     lua.write_text(
@@ -74,7 +77,7 @@ function setup(thread) threads = threads + 1; thread:set("tid", threads) end
 function init(args) n = 0 end
 function request()
   n = n + 1
-  local body = string.gsub(template, "{{N}}", tid .. "-" .. n)
+  local body = string.gsub(template, "{{N}}", "{run}-" .. tid .. "-" .. n)
   return wrk.format(nil, nil, nil, body)
 end
 """

@@ -33,7 +33,9 @@ from collections.abc import Iterable, Sequence
 
 log = logging.getLogger("er_gateway.cache")
 
-ENTRY_OVERHEAD = 120  # bytes an entry costs beyond its key and value (dict slot, two bytes objects)
+# Bytes an entry costs beyond its key's and value's lengths: two bytes objects' headers (33
+# each), the OrderedDict's hash slot and link node; measured with tracemalloc at ~140.
+ENTRY_OVERHEAD = 160
 PREFIX = b"er:cache:"
 EPOCH_PREFIX = b"er:cache-epoch:"
 
@@ -58,6 +60,7 @@ class ResultCache:
         self._skip_redis_until = 0.0
         self._epochs: dict[str, int] = {}  # model fingerprint -> epoch
         self._seen: dict[str, int] = {}  # model fingerprint -> restarts seen when last synced
+        self._pending: set[str] = set()  # restarts seen that Redis has not been told of yet
         self._tasks: set[asyncio.Task[None]] = set()
         self.redis = None
         if redis_url:
@@ -66,11 +69,11 @@ class ResultCache:
             self.redis = Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
     # ---- keys ---------------------------------------------------------------------------------
-    def namespace(self, fingerprint: str, params: bytes, key_name: str) -> bytes:
+    def namespace(self, fingerprint: str, params: bytes, owner: str) -> bytes:
         """The part of every key shared by one request's inputs (and, with `--cache-scope key`,
-        by one API key's requests only)."""
+        by the requests of one API key, `owner`, only)."""
         epoch = self._epochs.get(fingerprint, 0)
-        owner = key_name if self.per_key else ""
+        owner = owner if self.per_key else ""
         return hashlib.sha256(f"{fingerprint}\0{epoch}\0{owner}\0".encode() + params).digest()
 
     @staticmethod
@@ -136,27 +139,34 @@ class ResultCache:
         """Move each model's epoch on: `seen_restarts` is, per fingerprint, how many times its
         replicas came back after failing (as this process saw it). Called after every round of
         health checks. With Redis, a restart any gateway saw moves the shared epoch, and every
-        gateway reads it here."""
-        bumps = {fp: n for fp, n in seen_restarts.items() if n > self._seen.get(fp, 0)}
-        self._seen.update(seen_restarts)
+        gateway reads it here. An epoch never goes back: a shared one that is lower than this
+        process's (Redis lost it, or could not be told) does not bring old entries back, and a
+        restart Redis could not be told of is told at the next sync."""
+        for fp, n in seen_restarts.items():
+            if n > self._seen.get(fp, 0):
+                self._pending.add(fp)
+                self._epochs[fp] = self._epochs.get(fp, 0) + 1  # stale here at once, whatever Redis says
+        self._seen = dict(seen_restarts)
+        # Only the models served now: a backend that reports new weights at every check cannot
+        # grow these without bound.
+        self._epochs = {fp: e for fp, e in self._epochs.items() if fp in seen_restarts}
+        self._pending &= set(seen_restarts)
         if self.redis is None or not self._redis_ok():
-            for fp in bumps:
-                self._epochs[fp] = self._epochs.get(fp, 0) + 1
             return
         fps = list(seen_restarts)
+        bumps = sorted(self._pending)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for fp in bumps:
                     pipe.incr(EPOCH_PREFIX + fp.encode())
                 pipe.mget([EPOCH_PREFIX + fp.encode() for fp in fps])
-                epochs = (await pipe.execute())[-1]
-        except Exception as e:  # noqa: BLE001
+                shared = (await pipe.execute())[-1]
+        except Exception as e:  # noqa: BLE001 - told at the next sync
             self._redis_failed(e)
-            for fp in bumps:  # this process at least stops using what it knows to be stale
-                self._epochs[fp] = self._epochs.get(fp, 0) + 1
             return
-        for fp, shared in zip(fps, epochs, strict=True):
-            self._epochs[fp] = int(shared or 0)
+        self._pending.difference_update(bumps)
+        for fp, value in zip(fps, shared, strict=True):
+            self._epochs[fp] = max(self._epochs.get(fp, 0), int(value or 0))
 
     # ---- Redis health -----------------------------------------------------------------------------
     def _redis_ok(self) -> bool:

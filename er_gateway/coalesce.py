@@ -9,8 +9,10 @@ gateway merges what arrives together (README, "Coalescing"):
 - otherwise it waits at most `--coalesce-wait-ms` for company, or until the batch holds
   `--coalesce-max-inputs` inputs or `--coalesce-max-tokens` (bounded by UTF-8 bytes);
 - a batch of one is the request's own body, sent as it is;
-- a merged call that vLLM refuses with a 4xx may be one member's fault (an over-long input):
-  every member is then sent alone, so each gets the answer or the error it would have got.
+- a request with an input too long for the model never joins one (the service counts every
+  input with the model's tokenizer first); a merged call vLLM still refuses with a 4xx or a 500
+  may be one member's doing: each half is then sent on its own, down to single requests, so each
+  gets the answer or the error it would have got alone.
 
 What a merged answer means for each member (its slice, its exact `usage`) is the service's
 business: a `Codec` (embeddings.py, rerank.py) builds the merged body and splits the answer.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,11 +30,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .admission import Admission
 from .errors import GatewayError
-from .tokens import ModelTokenizer
 from .upstream import Pool
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
+
+log = logging.getLogger("er_gateway.coalesce")
 
 
 @dataclass(eq=False)
@@ -43,6 +47,7 @@ class Member:
     items: list[str]  # the texts it adds to the merged call (inputs, or rendered documents)
     head: str | None  # rerank: the rendered query its documents are scored against
     size: int  # UTF-8 bytes of its texts, an upper bound of its tokens
+    counts: list[int]  # each item's tokens by the model's tokenizer (rerank: query + document)
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -55,9 +60,7 @@ class Codec(Protocol):
         """One upstream body for every member's items, in order."""
         ...
 
-    async def split(
-        self, answer: bytes, members: Sequence[Member], tokenizer: ModelTokenizer, batch_id: str
-    ) -> list[tuple[Any, int]]:
+    def split(self, answer: bytes, members: Sequence[Member]) -> list[tuple[Any, int]]:
         """Each member's answer and its tokens, from the merged answer (a GatewayError if it does
         not hold one result per item)."""
         ...
@@ -73,7 +76,7 @@ class Batch:
     pool: Pool
     codec: Codec
     base: dict[str, Any]  # the fields every member shares (all of its body but its items)
-    tokenizer: ModelTokenizer
+    limit: int  # most items in one call (the smaller of --coalesce-max-inputs and the split size)
     members: list[Member] = field(default_factory=list)
     items: int = 0
     size: int = 0
@@ -82,7 +85,8 @@ class Batch:
 
 _BATCH_PREFIX = secrets.token_hex(4)
 _BATCH_COUNTER = itertools.count(1)
-_RETRY_ALONE = frozenset(range(400, 500)) - {401, 403, 404, 408, 429}  # may be one member's input
+# Refusals that may be one member's doing (an input vLLM will not take, or one it fails on).
+_ONE_MEMBERS = frozenset(range(400, 500)) - {401, 403, 404, 408, 429} | {500}
 
 
 class Coalescer:
@@ -100,25 +104,20 @@ class Coalescer:
         return inputs <= self.max_inputs and size <= self.max_tokens
 
     async def submit(
-        self,
-        pool: Pool,
-        codec: Codec,
-        base: dict[str, Any],
-        group: bytes,
-        tokenizer: ModelTokenizer,
-        member: Member,
+        self, pool: Pool, codec: Codec, base: dict[str, Any], group: bytes, limit: int, member: Member
     ) -> Any:
         """`member`'s answer, once the batch it joined has been answered. The caller holds the
-        member's concurrency slot for as long as this runs."""
+        member's concurrency slot for as long as this runs. A batch holds at most `limit` items."""
         key = (pool.model.name, codec.path, group)
+        limit = min(limit, self.max_inputs)
         batch = self._open.get(key)
         if batch is not None and (
-            batch.items + len(member.items) > self.max_inputs or batch.size + member.size > self.max_tokens
+            batch.items + len(member.items) > batch.limit or batch.size + member.size > self.max_tokens
         ):
             self._flush(batch)
             batch = None
         if batch is None:
-            batch = self._open[key] = Batch(key, pool, codec, base, tokenizer)
+            batch = self._open[key] = Batch(key, pool, codec, base, limit)
             loop = asyncio.get_running_loop()
             if self._busy.get(pool.model.name):
                 batch.timer = loop.call_later(self.wait, self._flush, batch)
@@ -127,7 +126,7 @@ class Coalescer:
         batch.members.append(member)
         batch.items += len(member.items)
         batch.size += member.size
-        if batch.items >= self.max_inputs or batch.size >= self.max_tokens:
+        if batch.items >= batch.limit or batch.size >= self.max_tokens:
             self._flush(batch)
         return await member.future
 
@@ -146,11 +145,10 @@ class Coalescer:
         self._busy[model] = self._busy.get(model, 0) + 1
         members = [m for m in batch.members if not m.future.done()]  # a client that left is dropped
         try:
-            if len(members) == 1:
-                await self._alone(batch, members[0])
-            elif members:
-                await self._merged(batch, members)
+            await self._resolve(batch, members)
         except BaseException as e:  # noqa: BLE001 - whatever happened, no member may wait forever
+            if not isinstance(e, (GatewayError, asyncio.CancelledError)):
+                log.exception("a shared upstream call failed")
             for m in members:
                 if not m.future.done():
                     m.future.set_exception(_own_copy(e))
@@ -159,7 +157,18 @@ class Coalescer:
         finally:
             self._busy[model] -= 1
 
-    async def _merged(self, batch: Batch, members: list[Member]) -> None:
+    async def _resolve(self, batch: Batch, members: list[Member]) -> None:
+        """Answer `members`: together, or, if vLLM refuses them together in a way one member's
+        input may cause, each half on its own, down to single requests. One bad input among
+        n costs about 2·log2(n) calls, not n, and fails only its own request."""
+        if len(members) == 1:
+            await self._alone(batch, members[0])
+        elif members and not await self._merged(batch, members):
+            half = len(members) // 2
+            await asyncio.gather(self._resolve(batch, members[:half]), self._resolve(batch, members[half:]))
+
+    async def _merged(self, batch: Batch, members: list[Member]) -> bool:
+        """One call for every member; False when vLLM refused it as one member's input may make it."""
         batch_id = f"batch-{_BATCH_PREFIX}{next(_BATCH_COUNTER):08x}"
         infos = [m.adm.info for m in members]
         for info in infos:
@@ -168,15 +177,13 @@ class Coalescer:
             body = batch.codec.merged_body(batch.base, members)
             result = await self.dispatch.call(batch.pool, batch.codec.path, body, infos, batch_id)
         except GatewayError as e:
-            if e.status not in _RETRY_ALONE:
+            if e.status not in _ONE_MEMBERS:
                 raise
-            # One member's input may be what vLLM refused: each alone gets its own answer or error.
             for info in infos:
                 info.extra.pop("batch", None)
-            await asyncio.gather(*(self._alone(batch, m) for m in members))
-            return
+            return False
         try:
-            answers = await batch.codec.split(result.body, members, batch.tokenizer, batch_id)
+            answers = batch.codec.split(result.body, members)
         except GatewayError as e:
             batch.pool.bad_answer(result.replica, e.message)  # a 200 that is not the answer asked for
             raise
@@ -186,6 +193,7 @@ class Coalescer:
             member.adm.done_tokens += tokens
             if not member.future.done():
                 member.future.set_result(answer)
+        return True
 
     async def _alone(self, batch: Batch, m: Member) -> None:
         try:
@@ -202,22 +210,24 @@ class Coalescer:
 
 def in_order(items: Any, n: int, what: str) -> list[dict[str, Any]]:
     """A merged answer's `data`, sorted by `index`, if it holds exactly one result for each of
-    the `n` items sent (indexed 0..n-1); else a 502 (a broken or hostile backend)."""
+    the `n` items sent (integer indexes 0..n-1, each once); else a 502 (a broken or hostile
+    backend: a result must never reach the member whose item it is not)."""
     if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
         raise GatewayError(502, f"backend answered with something that is not a list of {what}")
-    if sorted(x.get("index") for x in items if isinstance(x.get("index"), int)) != list(range(n)):
+    indexes = [x.get("index") for x in items]
+    if len(items) != n or not all(type(i) is int for i in indexes) or sorted(indexes) != list(range(n)):
         raise GatewayError(502, f"backend answered {len(items)} {what} for {n} inputs")
-    return sorted(items, key=lambda x: x["index"])
+    return sorted(items, key=lambda x: int(x["index"]))
 
 
 def _own_copy(e: BaseException) -> Exception:
-    """The error each member raises in its own request (a GatewayError's headers are changed
-    there, so each gets its own); a cancelled batch (shutdown) is a 503 for its members."""
+    """The error each member raises in its own request: a GatewayError of its own (its headers
+    are changed there), never one exception object shared by several requests."""
     if isinstance(e, GatewayError):
         return GatewayError(e.status, e.message, param=e.param, type=e.type, headers=dict(e.headers))
-    if isinstance(e, Exception):
-        return e
-    return GatewayError(503, "the gateway is shutting down")
+    if isinstance(e, asyncio.CancelledError):
+        return GatewayError(503, "the gateway is shutting down")
+    return GatewayError(500, "internal error in a shared upstream call (see the gateway's log)")
 
 
 def apportion(total: int, counts: list[int], items: list[int]) -> list[int]:
@@ -228,6 +238,7 @@ def apportion(total: int, counts: list[int], items: list[int]) -> list[int]:
     every item and each member's share is exactly what it would have been alone. Otherwise the
     total is shared in proportion, so the shares still add up to what the backend counted.
     """
+    total = max(0, total)  # a backend reporting a negative count is charged nothing
     n = sum(items)
     extra, rest = divmod(total - sum(counts), n) if n else (0, 1)
     if rest == 0 and extra >= 0:

@@ -23,7 +23,6 @@ from .concurrency import FairGate
 from .errors import GatewayError
 from .observability import Metrics, RequestInfo
 from .settings import Settings
-from .tokens import ModelTokenizer
 from .upstream import Pool, Replica, UpstreamResult
 
 T = TypeVar("T")
@@ -64,7 +63,7 @@ class Dispatcher:
         codec: Codec,
         base: dict[str, Any],
         group: bytes,
-        tokenizer: ModelTokenizer,
+        limit: int,
         member: Member,
     ) -> Any:
         """`member`'s answer from a call it may share with other requests (coalesce.py), under
@@ -74,7 +73,7 @@ class Dispatcher:
         key = info.key_name or ""
         await self._acquire(key, info)
         try:
-            return await self.coalescer.submit(pool, codec, base, group, tokenizer, member)
+            return await self.coalescer.submit(pool, codec, base, group, limit, member)
         finally:
             self.gate.release(key)
 

@@ -28,7 +28,6 @@ from .coalesce import Member, apportion, in_order
 from .errors import GatewayError
 from .protocol import EmbeddingRequest
 from .qwen3 import embedding_query
-from .tokens import ModelTokenizer
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -145,14 +144,12 @@ class _Cached:
                     return body
         try:
             answer = orjson.loads(body)
-            items = sorted(answer["data"], key=lambda x: x["index"])
+            items = in_order(answer["data"], len(self.missing), "embeddings")
             values = [orjson.dumps(x["embedding"]) for x in items]
             usage = answer["usage"]
-            total = int(usage["total_tokens"])
+            total = max(0, int(usage["total_tokens"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise GatewayError(502, "backend answered with something that is not an embeddings list") from None
-        if len(values) != len(self.missing):
-            raise GatewayError(502, f"backend answered {len(values)} embeddings for {len(self.missing)} inputs")
         pool.usage_extra = {k: v for k, v in usage.items() if k not in ("prompt_tokens", "total_tokens")}
         sent = [self.texts[i] for i in self.missing]
         tokenizer = rt.catalog.tokenizer(pool.model)
@@ -198,7 +195,7 @@ async def _lookup(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, Any])
     if cache is None or not texts or not all(isinstance(t, str) for t in texts):
         return None
     params = orjson.dumps({k: v for k, v in data.items() if k not in ("input", "user")}, option=orjson.OPT_SORT_KEYS)
-    keys = cache.keys(cache.namespace(pool.fingerprint, params, adm.key.name), texts)
+    keys = cache.keys(cache.namespace(pool.fingerprint, params, adm.key.hash), texts)
     hits: dict[int, tuple[int, bytes]] = {}
     for i, raw in enumerate(await cache.get_many(keys)):
         found = parse_entry(raw) if raw is not None else None
@@ -229,11 +226,13 @@ async def _coalesced(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, An
     size = sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
     if not coalescer.fits(len(texts), size):
         return None
+    counts = await tokenizer.count_many_async(texts)
+    if pool.max_model_len and max(counts) >= pool.max_model_len:
+        return None  # vLLM will refuse it: alone, it cannot make a shared call fail
     base = {k: v for k, v in data.items() if k != "input"}
     group = orjson.dumps(base, option=orjson.OPT_SORT_KEYS)
-    answer: bytes = await rt.dispatch.coalesced(
-        pool, CODEC, base, group, tokenizer, Member(adm, body, texts, None, size)
-    )
+    member = Member(adm, body, texts, None, size, counts)
+    answer: bytes = await rt.dispatch.coalesced(pool, CODEC, base, group, rt.settings.max_batch_inputs, member)
     return answer
 
 
@@ -246,36 +245,28 @@ class EmbeddingsCodec:
     def merged_body(self, base: dict[str, Any], members: Sequence[Member]) -> bytes:
         return orjson.dumps({**base, "input": [t for m in members for t in m.items]})
 
-    async def split(
-        self, answer: bytes, members: Sequence[Member], tokenizer: ModelTokenizer, batch_id: str
-    ) -> list[tuple[bytes, int]]:
+    def split(self, answer: bytes, members: Sequence[Member]) -> list[tuple[bytes, int]]:
         sizes = [len(m.items) for m in members]
-        n = sum(sizes)
         try:
             merged = orjson.loads(answer)
             items = merged["data"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             merged, items = {}, None
-        items = in_order(items, n, "embeddings")
+        items = in_order(items, sum(sizes), "embeddings")
         usage = merged.get("usage")
         usage = usage if isinstance(usage, dict) else {}
         total = usage.get("total_tokens")
-        counts = await tokenizer.count_many_async([t for m in members for t in m.items])
-        own, at = [], 0
-        for k in sizes:
-            own.append(sum(counts[at : at + k]))
-            at += k
-        shares = apportion(total if isinstance(total, int) else 0, own, sizes)
-        rest = {k: v for k, v in merged.items() if k not in ("data", "usage")}
+        shares = apportion(total if type(total) is int else 0, [sum(m.counts) for m in members], sizes)
+        rest = {k: v for k, v in merged.items() if k not in ("id", "data", "usage")}
         out, at = [], 0
-        for j, (k, share) in enumerate(zip(sizes, shares, strict=True)):
+        for m, k, share in zip(members, sizes, shares, strict=True):
             mine = items[at : at + k]
             at += k
             for i, item in enumerate(mine):
                 item["index"] = i
-            own_id = f"{rest['id']}-{j}" if isinstance(rest.get("id"), str) else batch_id
             own_usage = {**usage, "prompt_tokens": share, "total_tokens": share}
-            out.append((orjson.dumps({**rest, "id": own_id, "data": mine, "usage": own_usage}), share))
+            own = {"id": f"embd-{m.adm.info.request_id}", **rest, "data": mine, "usage": own_usage}
+            out.append((orjson.dumps(own), share))
         return out
 
     def alone(self, answer: bytes) -> bytes:

@@ -31,7 +31,7 @@ from .dispatch import gather_all
 from .errors import GatewayError
 from .protocol import RerankRequest, ScoreRequest
 from .qwen3 import rerank_document_part, rerank_query_part
-from .tokens import WINDOW_CHARS_PER_TOKEN, ModelTokenizer
+from .tokens import WINDOW_CHARS_PER_TOKEN
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ async def _lookup(rt: Runtime, pool: Pool, adm: Admission, base: dict[str, Any],
     if cache is None or not docs:
         return None
     params = orjson.dumps(base, option=orjson.OPT_SORT_KEYS)
-    keys = cache.keys(cache.namespace(pool.fingerprint, params, adm.key.name), docs)
+    keys = cache.keys(cache.namespace(pool.fingerprint, params, adm.key.hash), docs)
     hits: dict[int, tuple[int, float]] = {}
     for i, raw in enumerate(await cache.get_many(keys)):
         found = parse_entry(raw) if raw is not None else None
@@ -316,10 +316,15 @@ async def _coalesced(
     size = (_utf8_len(head) + SPECIAL_TOKENS) * len(docs) + sum(map(_utf8_len, docs))
     if not coalescer.fits(len(docs), size):
         return None
+    counted = await tokenizer.count_many_async([head, *docs])
+    counts = [counted[0] + n for n in counted[1:]]
+    if pool.max_model_len and max(counts) + SPECIAL_TOKENS > pool.max_model_len:
+        return None  # vLLM will refuse a pair: alone, it cannot make a shared call fail
     shared = {k: v for k, v in base.items() if k != "text_1"}
     group = orjson.dumps(shared, option=orjson.OPT_SORT_KEYS)
-    member = Member(adm, orjson.dumps({**base, "text_2": docs}), docs, head, size)
-    answer: dict[str, Any] = await rt.dispatch.coalesced(pool, SCORE_CODEC, shared, group, tokenizer, member)
+    member = Member(adm, orjson.dumps({**base, "text_2": docs}), docs, head, size, counts)
+    limit = rt.settings.max_batch_docs
+    answer: dict[str, Any] = await rt.dispatch.coalesced(pool, SCORE_CODEC, shared, group, limit, member)
     return answer
 
 
@@ -333,21 +338,13 @@ class ScoreCodec:
         heads = [m.head for m in members for _ in m.items]
         return orjson.dumps({**base, "text_1": heads, "text_2": [d for m in members for d in m.items]})
 
-    async def split(
-        self, answer: bytes, members: Sequence[Member], tokenizer: ModelTokenizer, batch_id: str
-    ) -> list[tuple[dict[str, Any], int]]:
+    def split(self, answer: bytes, members: Sequence[Member]) -> list[tuple[dict[str, Any], int]]:
         sizes = [len(m.items) for m in members]
-        n = sum(sizes)
         data = self.alone(answer)
-        items = in_order(data.get("data"), n, "scores")
+        items = in_order(data.get("data"), sum(sizes), "scores")
         usage = data.get("usage")
         total = usage.get("total_tokens") if isinstance(usage, dict) else None
-        counts = await tokenizer.count_many_async([t for m in members for t in (m.head or "", *m.items)])
-        own, at = [], 0
-        for k in sizes:
-            own.append(counts[at] * k + sum(counts[at + 1 : at + 1 + k]))
-            at += 1 + k
-        shares = apportion(total if isinstance(total, int) else 0, own, sizes)
+        shares = apportion(total if type(total) is int else 0, [sum(m.counts) for m in members], sizes)
         out, at = [], 0
         for k, share in zip(sizes, shares, strict=True):
             mine = [{**x, "index": i} for i, x in enumerate(items[at : at + k])]

@@ -110,6 +110,7 @@ class Fake:
         self.delay = args.delay
         self.fault: str | None = None
         self.fault_path: str | None = None  # the fault on this path only (None: every path)
+        self.refuse_text: str | None = None  # a 400 for any call with an input containing it
         self.current = 0
         self.max_seen = 0
         self.requests = 0
@@ -165,6 +166,9 @@ class Fake:
             self.last_body = data
             if not isinstance(data, dict):
                 return self.error(400, "Input should be a valid dictionary", "BadRequestError")
+            if self.refuse_text and self.refuse_text in orjson.dumps(data.get("input", data.get("text_2"))).decode():
+                # an input this vLLM fails on for reasons the gateway cannot see coming
+                return self.error(400, f"input refused: contains {self.refuse_text!r}", "BadRequestError", "input")
             if self.engine is not None:
                 await self.engine.run(items_of(data))
             if request.path in ("/v1/embeddings", "/score", "/v1/score"):
@@ -390,6 +394,8 @@ def make_app(fake: Fake, api_key: str | None = None) -> web.Application:
         if "fault" in data:
             fake.fault = data["fault"]
             fake.fault_path = data.get("fault_path")
+        if "refuse_text" in data:
+            fake.refuse_text = data["refuse_text"]
         if "flat_errors" in data:
             fake.flat_errors = bool(data["flat_errors"])
         if data.get("reset_stats"):

@@ -289,3 +289,29 @@ def test_one_key_cannot_learn_what_another_embedded(
         assert shared.post("/v1/embeddings", secret, key=other).headers["x-cache-hits"] == "1"
     finally:
         shared.stop()
+
+
+async def test_an_epoch_never_goes_back(tmp_path: Path) -> None:
+    """A restart seen while Redis is unreachable is told to Redis later, and an epoch Redis lost
+    (restarted without persistence, evicted) never brings old entries back."""
+    from er_gateway.cache import ResultCache
+
+    redis = start_redis(tmp_path)
+    cache = ResultCache(1 << 20, redis.url)
+    try:
+        await cache.sync_epochs({"fp": 0})
+        before = cache.namespace("fp", b"{}", "")
+        cache._skip_redis_until = time.monotonic() + 60  # Redis is being skipped (its breaker is open)
+        await cache.sync_epochs({"fp": 1})  # a replica came back
+        after_restart = cache.namespace("fp", b"{}", "")
+        assert after_restart != before
+        cache._skip_redis_until = 0.0
+        await cache.sync_epochs({"fp": 1})  # now Redis hears of it
+        assert cache.redis is not None and int(await cache.redis.get(b"er:cache-epoch:fp")) == 1
+        assert cache.namespace("fp", b"{}", "") == after_restart
+        await cache.redis.flushall()  # Redis forgets every epoch
+        await cache.sync_epochs({"fp": 1})
+        assert cache.namespace("fp", b"{}", "") == after_restart  # not back to `before`
+    finally:
+        await cache.close()
+        redis.stop()

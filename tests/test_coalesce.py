@@ -184,10 +184,30 @@ def test_one_bad_input_fails_only_its_own_request(pair: Pair) -> None:
     assert [r.status_code for r in answers] == [200, 200, 200, 400, 200, 200, 200, 200]
     err = answers[3].json()["error"]
     assert err["code"] == 400 and "maximum context length is 512" in err["message"]
-    # pacer, the merged call vLLM refused, then each of the 8 alone
-    assert calls(pair.emb, "/v1/embeddings") == 1 + 1 + 8
+    # counted with the tokenizer first, the over-long one never joined: pacer, 7 together, it alone
+    assert calls(pair.emb, "/v1/embeddings") == 3
+    lines = log_lines(pair.co, [r.headers["x-request-id"] for r in answers])
+    assert "batch=" not in lines[answers[3].headers["x-request-id"]]
     for i, (got, want) in enumerate(zip(answers, alone(pair.alone, "/v1/embeddings", bodies), strict=True)):
         if i != 3:
+            same_answer(got.json(), want.json())
+
+
+def test_an_input_vllm_refuses_unforeseen_costs_halving_not_one_call_each(pair: Pair) -> None:
+    reset(pair.emb)
+    pair.emb.admin(refuse_text="poison")
+    try:
+        bodies = [{"input": f"fine text {i}"} for i in range(16)]
+        bodies[11] = {"input": "a poison pill"}
+        answers = asyncio.run(burst(pair.co, "/v1/embeddings", bodies))
+    finally:
+        pair.emb.admin(refuse_text=None)
+    assert [r.status_code for r in answers] == [400 if i == 11 else 200 for i in range(16)]
+    assert "poison" in answers[11].json()["error"]["message"]
+    # pacer; 16 refused; halves of 8 (one refused), 4, 2, 1: 2 calls each level = 1 + 1 + 4 * 2
+    assert calls(pair.emb, "/v1/embeddings") == 10
+    for i, (got, want) in enumerate(zip(answers, alone(pair.alone, "/v1/embeddings", bodies), strict=True)):
+        if i != 11:
             same_answer(got.json(), want.json())
 
 
@@ -336,7 +356,33 @@ def test_merged_body_is_valid_json_for_any_text() -> None:
     from er_gateway.embeddings import CODEC
 
     async def build() -> bytes:
-        m = Member(None, b"", ['a "quoted"\n', "ü"], None, 3)  # type: ignore[arg-type]
+        m = Member(None, b"", ['a "quoted"\n', "ü"], None, 3, [2, 1])  # type: ignore[arg-type]
         return CODEC.merged_body({"model": "m"}, [m, m])
 
     assert orjson.loads(asyncio.run(build())) == {"model": "m", "input": ['a "quoted"\n', "ü"] * 2}
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [{"index": 0}, {"index": 1}, {"index": 0.5}],  # one too many, with an index that is no index
+        [{"index": 0}, {"index": 0}],  # one result twice, the other missing
+        [{"index": 0}, {"index": None}],
+        [{"index": 0}, {}],
+        [{"index": True}, {"index": 1}],
+        [{"index": 0}, "x"],
+        {"index": 0},
+    ],
+)
+def test_a_merged_answer_must_hold_each_result_once(items: Any) -> None:
+    from er_gateway.coalesce import in_order
+    from er_gateway.errors import GatewayError
+
+    with pytest.raises(GatewayError) as e:
+        in_order(items, 2, "embeddings")
+    assert e.value.status == 502
+    assert [x["index"] for x in in_order([{"index": 1}, {"index": 0}], 2, "embeddings")] == [0, 1]
+
+
+def test_a_negative_count_from_the_backend_charges_nothing() -> None:
+    assert apportion(-10, [3, 4], [1, 1]) == [0, 0]
