@@ -9,8 +9,9 @@ gateway merges what arrives together (README, "Coalescing"):
 - otherwise it waits at most `--coalesce-wait-ms` for company, or until the batch holds
   `--coalesce-max-inputs` inputs or `--coalesce-max-tokens` (bounded by UTF-8 bytes);
 - a batch of one is the request's own body, sent as it is;
-- a request with an input too long for the model never joins one (the service counts every
-  input with the model's tokenizer first); a merged call vLLM still refuses with a 4xx or a 500
+- a request with an input too long for the model never joins one (a batch's inputs are counted
+  with the model's tokenizer, in one call, before it is sent); a merged call vLLM still refuses
+  with a 4xx or a 500
   may be one member's doing: each half is then sent on its own, down to single requests, so each
   gets the answer or the error it would have got alone.
 
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .admission import Admission
 from .errors import GatewayError
+from .tokens import ModelTokenizer
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -47,7 +49,9 @@ class Member:
     items: list[str]  # the texts it adds to the merged call (inputs, or rendered documents)
     head: str | None  # rerank: the rendered query its documents are scored against
     size: int  # UTF-8 bytes of its texts, an upper bound of its tokens
-    counts: list[int]  # each item's tokens by the model's tokenizer (rerank: query + document)
+    # each item's tokens by the model's tokenizer (rerank: query + document), counted for all
+    # members of a merged call at once (Codec.count) just before it is sent
+    counts: list[int] = field(default_factory=list)
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -58,6 +62,14 @@ class Codec(Protocol):
 
     def merged_body(self, base: dict[str, Any], members: Sequence[Member]) -> bytes:
         """One upstream body for every member's items, in order."""
+        ...
+
+    async def count(self, members: Sequence[Member], tokenizer: ModelTokenizer) -> None:
+        """Fill each member's `counts` (one tokenizer call for the whole batch)."""
+        ...
+
+    def too_long(self, member: Member, max_model_len: int) -> bool:
+        """Whether vLLM will refuse one of the member's items (it then goes alone)."""
         ...
 
     def split(self, answer: bytes, members: Sequence[Member]) -> list[tuple[Any, int]]:
@@ -77,6 +89,7 @@ class Batch:
     codec: Codec
     base: dict[str, Any]  # the fields every member shares (all of its body but its items)
     limit: int  # most items in one call (the smaller of --coalesce-max-inputs and the split size)
+    tokenizer: ModelTokenizer
     members: list[Member] = field(default_factory=list)
     items: int = 0
     size: int = 0
@@ -104,7 +117,14 @@ class Coalescer:
         return inputs <= self.max_inputs and size <= self.max_tokens
 
     async def submit(
-        self, pool: Pool, codec: Codec, base: dict[str, Any], group: bytes, limit: int, member: Member
+        self,
+        pool: Pool,
+        codec: Codec,
+        base: dict[str, Any],
+        group: bytes,
+        limit: int,
+        tokenizer: ModelTokenizer,
+        member: Member,
     ) -> Any:
         """`member`'s answer, once the batch it joined has been answered. The caller holds the
         member's concurrency slot for as long as this runs. A batch holds at most `limit` items."""
@@ -117,7 +137,7 @@ class Coalescer:
             self._flush(batch)
             batch = None
         if batch is None:
-            batch = self._open[key] = Batch(key, pool, codec, base, limit)
+            batch = self._open[key] = Batch(key, pool, codec, base, limit, tokenizer)
             loop = asyncio.get_running_loop()
             if self._busy.get(pool.model.name):
                 batch.timer = loop.call_later(self.wait, self._flush, batch)
@@ -145,6 +165,15 @@ class Coalescer:
         self._busy[model] = self._busy.get(model, 0) + 1
         members = [m for m in batch.members if not m.future.done()]  # a client that left is dropped
         try:
+            if len(members) > 1:
+                await batch.codec.count(members, batch.tokenizer)
+                limit = batch.pool.max_model_len
+                if limit:  # an item vLLM will refuse never joins: alone, it fails only its own request
+                    long = [m for m in members if batch.codec.too_long(m, limit)]
+                    if long:
+                        members = [m for m in members if m not in long]
+                        await asyncio.gather(self._resolve(batch, members), *(self._alone(batch, m) for m in long))
+                        return
             await self._resolve(batch, members)
         except BaseException as e:  # noqa: BLE001 - whatever happened, no member may wait forever
             if not isinstance(e, (GatewayError, asyncio.CancelledError)):

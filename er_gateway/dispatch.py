@@ -23,6 +23,7 @@ from .concurrency import FairGate
 from .errors import GatewayError
 from .observability import Metrics, RequestInfo
 from .settings import Settings
+from .tokens import ModelTokenizer
 from .upstream import Pool, Replica, UpstreamResult
 
 T = TypeVar("T")
@@ -64,6 +65,7 @@ class Dispatcher:
         base: dict[str, Any],
         group: bytes,
         limit: int,
+        tokenizer: ModelTokenizer,
         member: Member,
     ) -> Any:
         """`member`'s answer from a call it may share with other requests (coalesce.py), under
@@ -73,7 +75,7 @@ class Dispatcher:
         key = info.key_name or ""
         await self._acquire(key, info)
         try:
-            return await self.coalescer.submit(pool, codec, base, group, limit, member)
+            return await self.coalescer.submit(pool, codec, base, group, limit, tokenizer, member)
         finally:
             self.gate.release(key)
 

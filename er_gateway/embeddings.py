@@ -28,6 +28,7 @@ from .coalesce import Member, apportion, in_order
 from .errors import GatewayError
 from .protocol import EmbeddingRequest
 from .qwen3 import embedding_query
+from .tokens import ModelTokenizer
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -226,13 +227,12 @@ async def _coalesced(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, An
     size = sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
     if not coalescer.fits(len(texts), size):
         return None
-    counts = await tokenizer.count_many_async(texts)
-    if pool.max_model_len and max(counts) >= pool.max_model_len:
-        return None  # vLLM will refuse it: alone, it cannot make a shared call fail
     base = {k: v for k, v in data.items() if k != "input"}
     group = orjson.dumps(base, option=orjson.OPT_SORT_KEYS)
-    member = Member(adm, body, texts, None, size, counts)
-    answer: bytes = await rt.dispatch.coalesced(pool, CODEC, base, group, rt.settings.max_batch_inputs, member)
+    limit = rt.settings.max_batch_inputs
+    answer: bytes = await rt.dispatch.coalesced(
+        pool, CODEC, base, group, limit, tokenizer, Member(adm, body, texts, None, size)
+    )
     return answer
 
 
@@ -244,6 +244,16 @@ class EmbeddingsCodec:
 
     def merged_body(self, base: dict[str, Any], members: Sequence[Member]) -> bytes:
         return orjson.dumps({**base, "input": [t for m in members for t in m.items]})
+
+    async def count(self, members: Sequence[Member], tokenizer: ModelTokenizer) -> None:
+        counted = await tokenizer.count_many_async([t for m in members for t in m.items])
+        at = 0
+        for m in members:
+            m.counts = counted[at : at + len(m.items)]
+            at += len(m.items)
+
+    def too_long(self, member: Member, max_model_len: int) -> bool:
+        return max(member.counts) >= max_model_len  # vLLM adds at least one special token
 
     def split(self, answer: bytes, members: Sequence[Member]) -> list[tuple[bytes, int]]:
         sizes = [len(m.items) for m in members]

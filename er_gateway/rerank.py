@@ -31,7 +31,7 @@ from .dispatch import gather_all
 from .errors import GatewayError
 from .protocol import RerankRequest, ScoreRequest
 from .qwen3 import rerank_document_part, rerank_query_part
-from .tokens import WINDOW_CHARS_PER_TOKEN
+from .tokens import WINDOW_CHARS_PER_TOKEN, ModelTokenizer
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -316,15 +316,11 @@ async def _coalesced(
     size = (_utf8_len(head) + SPECIAL_TOKENS) * len(docs) + sum(map(_utf8_len, docs))
     if not coalescer.fits(len(docs), size):
         return None
-    counted = await tokenizer.count_many_async([head, *docs])
-    counts = [counted[0] + n for n in counted[1:]]
-    if pool.max_model_len and max(counts) + SPECIAL_TOKENS > pool.max_model_len:
-        return None  # vLLM will refuse a pair: alone, it cannot make a shared call fail
     shared = {k: v for k, v in base.items() if k != "text_1"}
     group = orjson.dumps(shared, option=orjson.OPT_SORT_KEYS)
-    member = Member(adm, orjson.dumps({**base, "text_2": docs}), docs, head, size, counts)
+    member = Member(adm, orjson.dumps({**base, "text_2": docs}), docs, head, size)
     limit = rt.settings.max_batch_docs
-    answer: dict[str, Any] = await rt.dispatch.coalesced(pool, SCORE_CODEC, shared, group, limit, member)
+    answer: dict[str, Any] = await rt.dispatch.coalesced(pool, SCORE_CODEC, shared, group, limit, tokenizer, member)
     return answer
 
 
@@ -337,6 +333,17 @@ class ScoreCodec:
     def merged_body(self, base: dict[str, Any], members: Sequence[Member]) -> bytes:
         heads = [m.head for m in members for _ in m.items]
         return orjson.dumps({**base, "text_1": heads, "text_2": [d for m in members for d in m.items]})
+
+    async def count(self, members: Sequence[Member], tokenizer: ModelTokenizer) -> None:
+        counted = await tokenizer.count_many_async([t for m in members for t in (m.head or "", *m.items)])
+        at = 0
+        for m in members:
+            head, docs = counted[at], counted[at + 1 : at + 1 + len(m.items)]
+            m.counts = [head + n for n in docs]
+            at += 1 + len(m.items)
+
+    def too_long(self, member: Member, max_model_len: int) -> bool:
+        return max(member.counts) + SPECIAL_TOKENS > max_model_len
 
     def split(self, answer: bytes, members: Sequence[Member]) -> list[tuple[dict[str, Any], int]]:
         sizes = [len(m.items) for m in members]

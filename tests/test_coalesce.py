@@ -356,7 +356,7 @@ def test_merged_body_is_valid_json_for_any_text() -> None:
     from er_gateway.embeddings import CODEC
 
     async def build() -> bytes:
-        m = Member(None, b"", ['a "quoted"\n', "ü"], None, 3, [2, 1])  # type: ignore[arg-type]
+        m = Member(None, b"", ['a "quoted"\n', "ü"], None, 3)  # type: ignore[arg-type]
         return CODEC.merged_body({"model": "m"}, [m, m])
 
     assert orjson.loads(asyncio.run(build())) == {"model": "m", "input": ['a "quoted"\n', "ü"] * 2}
