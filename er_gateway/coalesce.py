@@ -259,6 +259,15 @@ def _own_copy(e: BaseException) -> Exception:
     return GatewayError(500, "internal error in a shared upstream call (see the gateway's log)")
 
 
+def exact_extra(total: int, counts: list[int]) -> int | None:
+    """The tokens the backend added to every item of a call whose items' own `counts` are
+    known, when its `total` says so exactly (the same for each item), else None."""
+    if not counts:
+        return None
+    extra, rest = divmod(total - sum(counts), len(counts))
+    return extra if rest == 0 and extra >= 0 else None
+
+
 def apportion(total: int, counts: list[int], items: list[int]) -> list[int]:
     """Each member's share of an upstream `total`: its own texts' `counts` plus, per item, the
     tokens the backend adds to every item (its special tokens), found as what is left over.
@@ -270,7 +279,7 @@ def apportion(total: int, counts: list[int], items: list[int]) -> list[int]:
     total = max(0, total)  # a backend reporting a negative count is charged nothing
     n = sum(items)
     extra, rest = divmod(total - sum(counts), n) if n else (0, 1)
-    if rest == 0 and extra >= 0:
+    if rest == 0 and extra >= 0:  # (exact_extra, for members' summed counts)
         return [c + extra * k for c, k in zip(counts, items, strict=True)]
     weights = [c + k for c, k in zip(counts, items, strict=True)]
     whole = sum(weights) or 1

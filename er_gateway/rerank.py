@@ -26,7 +26,7 @@ from starlette.responses import Response
 from .admission import Admission
 from .cache import ResultCache, entry, parse_entry
 from .catalog import use_backend_name
-from .coalesce import Member, apportion, in_order
+from .coalesce import Member, apportion, exact_extra, in_order
 from .dispatch import gather_all
 from .errors import GatewayError
 from .protocol import RerankRequest, ScoreRequest
@@ -227,7 +227,10 @@ async def score(
             raise GatewayError(502, f"backend answered /score with an unexpected body ({e})") from None
     if cached is None:
         return scores, tokens
-    return cached.merge(scores, await _pair_tokens(rt, pool, text_1, todo, tokens), tokens)
+    # A shared call already counted each pair (ScoreCodec.split); otherwise count them now.
+    known = merged.get("pair_tokens") if merged is not None else None
+    shares = known if isinstance(known, list) else await _pair_tokens(rt, pool, text_1, todo, tokens)
+    return cached.merge(scores, shares, tokens)
 
 
 @dataclass
@@ -351,12 +354,17 @@ class ScoreCodec:
         items = in_order(data.get("data"), sum(sizes), "scores")
         usage = data.get("usage")
         total = usage.get("total_tokens") if isinstance(usage, dict) else None
-        shares = apportion(total if type(total) is int else 0, [sum(m.counts) for m in members], sizes)
+        total = total if type(total) is int else 0
+        shares = apportion(total, [sum(m.counts) for m in members], sizes)
+        extra = exact_extra(total, [c for m in members for c in m.counts])
         out, at = [], 0
-        for k, share in zip(sizes, shares, strict=True):
+        for m, k, share in zip(members, sizes, shares, strict=True):
             mine = [{**x, "index": i} for i, x in enumerate(items[at : at + k])]
             at += k
-            out.append(({"data": mine, "usage": {"prompt_tokens": share, "total_tokens": share}}, share))
+            own: dict[str, Any] = {"data": mine, "usage": {"prompt_tokens": share, "total_tokens": share}}
+            if extra is not None:  # each pair's own tokens, for the result cache
+                own["pair_tokens"] = [c + extra for c in m.counts]
+            out.append((own, share))
         return out
 
     def alone(self, answer: bytes) -> dict[str, Any]:
@@ -366,6 +374,7 @@ class ScoreCodec:
             data = None
         if not isinstance(data, dict):
             raise GatewayError(502, "backend answered /score with something that is not a JSON object")
+        data.pop("pair_tokens", None)  # ours (split), never the backend's to say
         return data
 
 
