@@ -4,8 +4,8 @@ vLLM's HTTP front end, not the model, limits small requests: one input per reque
 third of the inputs/s that 16 per request do. RAG clients send one query at a time, so the
 gateway merges what arrives together (README, "Coalescing"):
 
-- a request whose model has nothing of ours in flight is sent on the next turn of the event
-  loop (only requests parsed in the same turn join it: no added wait when idle);
+- a request whose model has nothing of ours in flight is sent at once, from its own task (no
+  added wait when idle);
 - otherwise it waits at most `--coalesce-wait-ms` for company, or until the batch holds
   `--coalesce-max-inputs` inputs or `--coalesce-max-tokens` (bounded by UTF-8 bytes);
 - a batch of one is the request's own body, sent as it is;
@@ -131,6 +131,15 @@ class Coalescer:
         key = (pool.model.name, codec.path, group)
         limit = min(limit, self.max_inputs)
         batch = self._open.get(key)
+        model = pool.model.name
+        if batch is None and not self._busy.get(model):
+            # Idle: nothing to merge with and nothing to wait for; sent at once from the request's
+            # own task (no batch, no extra turn of the loop). Others arriving meanwhile batch up.
+            self._busy[model] = 1
+            try:
+                return await self._send_alone(pool, codec, member)
+            finally:
+                self._busy[model] -= 1
         if batch is not None and (
             batch.items + len(member.items) > batch.limit or batch.size + member.size > self.max_tokens
         ):
@@ -138,11 +147,7 @@ class Coalescer:
             batch = None
         if batch is None:
             batch = self._open[key] = Batch(key, pool, codec, base, limit, tokenizer)
-            loop = asyncio.get_running_loop()
-            if self._busy.get(pool.model.name):
-                batch.timer = loop.call_later(self.wait, self._flush, batch)
-            else:  # idle: only what is parsed in this same turn of the loop joins
-                batch.timer = loop.call_soon(self._flush, batch)
+            batch.timer = asyncio.get_running_loop().call_later(self.wait, self._flush, batch)
         batch.members.append(member)
         batch.items += len(member.items)
         batch.size += member.size
@@ -224,11 +229,15 @@ class Coalescer:
                 member.future.set_result(answer)
         return True
 
+    async def _send_alone(self, pool: Pool, codec: Codec, m: Member) -> Any:
+        """`m`'s own body, its answer (or its error) its own."""
+        result = await self.dispatch.call(pool, codec.path, m.body, [m.adm.info], m.adm.info.request_id)
+        m.adm.done_tokens += self.dispatch.tokens_of(result.body)
+        return codec.alone(result.body)
+
     async def _alone(self, batch: Batch, m: Member) -> None:
         try:
-            result = await self.dispatch.call(batch.pool, batch.codec.path, m.body, [m.adm.info], m.adm.info.request_id)
-            m.adm.done_tokens += self.dispatch.tokens_of(result.body)
-            answer = batch.codec.alone(result.body)
+            answer = await self._send_alone(batch.pool, batch.codec, m)
         except Exception as e:  # noqa: BLE001 - the member's own error, raised in its own request
             if not m.future.done():
                 m.future.set_exception(e)
