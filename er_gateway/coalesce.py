@@ -10,10 +10,10 @@ gateway merges what arrives together (README, "Coalescing"):
   `--coalesce-max-inputs` inputs or `--coalesce-max-tokens` (bounded by UTF-8 bytes);
 - a batch of one is the request's own body, sent as it is;
 - a request with an input too long for the model never joins one (a batch's inputs are counted
-  with the model's tokenizer, in one call, before it is sent); a merged call vLLM still refuses
-  with a 4xx or a 500
-  may be one member's doing: each half is then sent on its own, down to single requests, so each
-  gets the answer or the error it would have got alone.
+  with the model's tokenizer, in one call, before it is sent);
+- a merged call vLLM still refuses with a 4xx or a 500 may be one member's doing: each half is
+  then sent on its own, down to single requests, so each gets the answer or the error it would
+  have got alone.
 
 What a merged answer means for each member (its slice, its exact `usage`) is the service's
 business: a `Codec` (embeddings.py, rerank.py) builds the merged body and splits the answer.
