@@ -29,7 +29,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 log = logging.getLogger("er_gateway.cache")
 
@@ -50,11 +50,13 @@ class ResultCache:
         scope: str = "key",
         timeout: float = 0.5,
         breaker_interval: float = 5.0,
+        on_lookup: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.max_bytes = max_bytes
         self.size = 0
         self._lru: OrderedDict[bytes, bytes] = OrderedDict()
         self.ttl = ttl
+        self.on_lookup = on_lookup  # (model, hits, misses) for metrics
         self.per_key = scope == "key"
         self.breaker_interval = breaker_interval
         self._skip_redis_until = 0.0
@@ -101,6 +103,18 @@ class ResultCache:
                 if isinstance(got, bytes):
                     found[i] = got
                     self._remember(keys[i], got)
+        return found
+
+    async def known(self, keys: Sequence[bytes], model: str) -> dict[int, tuple[int, bytes]]:
+        """The entries under `keys` that are ours, by position: (tokens, JSON result). Hits and
+        misses are counted for `model` (`on_lookup`)."""
+        found: dict[int, tuple[int, bytes]] = {}
+        for i, raw in enumerate(await self.get_many(keys)):
+            parsed = parse_entry(raw) if raw is not None else None
+            if parsed is not None:
+                found[i] = parsed
+        if self.on_lookup is not None:
+            self.on_lookup(model, len(found), len(keys) - len(found))
         return found
 
     def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> None:

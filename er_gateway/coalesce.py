@@ -83,13 +83,22 @@ class Codec(Protocol):
 
 
 @dataclass(eq=False)
-class Batch:
-    key: tuple[Any, ...]
+class Group:
+    """What the members of a batch share: where they go, how they merge (built by a service)."""
+
     pool: Pool
     codec: Codec
     base: dict[str, Any]  # the fields every member shares (all of its body but its items)
-    limit: int  # most items in one call (the smaller of --coalesce-max-inputs and the split size)
+    key: bytes  # `base` serialised: requests merge only when theirs are identical
+    limit: int  # most items in one upstream call (--max-batch-inputs / --max-batch-docs)
     tokenizer: ModelTokenizer
+
+
+@dataclass(eq=False)
+class Batch:
+    key: tuple[Any, ...]
+    group: Group
+    limit: int  # the smaller of the group's and --coalesce-max-inputs
     members: list[Member] = field(default_factory=list)
     items: int = 0
     size: int = 0
@@ -116,20 +125,11 @@ class Coalescer:
         """Whether a request this large is worth merging (larger ones go alone, or are split)."""
         return inputs <= self.max_inputs and size <= self.max_tokens
 
-    async def submit(
-        self,
-        pool: Pool,
-        codec: Codec,
-        base: dict[str, Any],
-        group: bytes,
-        limit: int,
-        tokenizer: ModelTokenizer,
-        member: Member,
-    ) -> Any:
+    async def submit(self, group: Group, member: Member) -> Any:
         """`member`'s answer, once the batch it joined has been answered. The caller holds the
-        member's concurrency slot for as long as this runs. A batch holds at most `limit` items."""
-        key = (pool.model.name, codec.path, group)
-        limit = min(limit, self.max_inputs)
+        member's concurrency slot for as long as this runs."""
+        pool, codec = group.pool, group.codec
+        key = (pool.model.name, codec.path, group.key)
         batch = self._open.get(key)
         model = pool.model.name
         if batch is None and not self._busy.get(model):
@@ -146,7 +146,7 @@ class Coalescer:
             self._flush(batch)
             batch = None
         if batch is None:
-            batch = self._open[key] = Batch(key, pool, codec, base, limit, tokenizer)
+            batch = self._open[key] = Batch(key, group, min(group.limit, self.max_inputs))
             batch.timer = asyncio.get_running_loop().call_later(self.wait, self._flush, batch)
         batch.members.append(member)
         batch.items += len(member.items)
@@ -166,15 +166,15 @@ class Coalescer:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: Batch) -> None:
-        model = batch.pool.model.name
+        model = batch.group.pool.model.name
         self._busy[model] = self._busy.get(model, 0) + 1
         members = [m for m in batch.members if not m.future.done()]  # a client that left is dropped
         try:
             if len(members) > 1:
-                await batch.codec.count(members, batch.tokenizer)
-                limit = batch.pool.max_model_len
+                await batch.group.codec.count(members, batch.group.tokenizer)
+                limit = batch.group.pool.max_model_len
                 if limit:  # an item vLLM will refuse never joins: alone, it fails only its own request
-                    long = [m for m in members if batch.codec.too_long(m, limit)]
+                    long = [m for m in members if batch.group.codec.too_long(m, limit)]
                     if long:
                         members = [m for m in members if m not in long]
                         await asyncio.gather(self._resolve(batch, members), *(self._alone(batch, m) for m in long))
@@ -208,8 +208,8 @@ class Coalescer:
         for info in infos:
             info.extra["batch"] = batch_id
         try:
-            body = batch.codec.merged_body(batch.base, members)
-            result = await self.dispatch.call(batch.pool, batch.codec.path, body, infos, batch_id)
+            body = batch.group.codec.merged_body(batch.group.base, members)
+            result = await self.dispatch.call(batch.group.pool, batch.group.codec.path, body, infos, batch_id)
         except GatewayError as e:
             if e.status not in _ONE_MEMBERS:
                 raise
@@ -217,12 +217,12 @@ class Coalescer:
                 info.extra.pop("batch", None)
             return False
         try:
-            answers = batch.codec.split(result.body, members)
+            answers = batch.group.codec.split(result.body, members)
         except GatewayError as e:
-            batch.pool.bad_answer(result.replica, e.message)  # a 200 that is not the answer asked for
+            batch.group.pool.bad_answer(result.replica, e.message)  # a 200 that is not the answer asked for
             raise
         m = self.dispatch.metrics
-        m.child(m.coalesced, batch.pool.model.name).observe(len(members))
+        m.child(m.coalesced, batch.group.pool.model.name).observe(len(members))
         for member, (answer, tokens) in zip(members, answers, strict=True):
             member.adm.done_tokens += tokens
             if not member.future.done():
@@ -231,13 +231,11 @@ class Coalescer:
 
     async def _send_alone(self, pool: Pool, codec: Codec, m: Member) -> Any:
         """`m`'s own body, its answer (or its error) its own."""
-        result = await self.dispatch.call(pool, codec.path, m.body, [m.adm.info], m.adm.info.request_id)
-        m.adm.done_tokens += self.dispatch.tokens_of(result.body)
-        return codec.alone(result.body)
+        return codec.alone((await self.dispatch.answered(pool, codec.path, m.body, m.adm)).body)
 
     async def _alone(self, batch: Batch, m: Member) -> None:
         try:
-            answer = await self._send_alone(batch.pool, batch.codec, m)
+            answer = await self._send_alone(batch.group.pool, batch.group.codec, m)
         except Exception as e:  # noqa: BLE001 - the member's own error, raised in its own request
             if not m.future.done():
                 m.future.set_exception(e)

@@ -18,12 +18,11 @@ from typing import Any, TypeVar
 import orjson
 
 from .admission import Admission
-from .coalesce import Coalescer, Codec, Member
+from .coalesce import Coalescer, Group, Member
 from .concurrency import FairGate
 from .errors import GatewayError
 from .observability import Metrics, RequestInfo
 from .settings import Settings
-from .tokens import ModelTokenizer
 from .upstream import Pool, Replica, UpstreamResult
 
 T = TypeVar("T")
@@ -48,34 +47,27 @@ class Dispatcher:
         The tokens the answer reports are added to `adm.done_tokens`: what the backend did is
         charged, whatever becomes of the request afterwards.
         """
-        info = adm.info
-        key = info.key_name or ""
-        await self._acquire(key, info)
+        key = adm.info.key_name or ""
+        await self._acquire(key, adm.info)
         try:
-            result = await self.call(pool, path, body, (info,), info.request_id)
+            return await self.answered(pool, path, body, adm)
         finally:
             self.gate.release(key)
+
+    async def answered(self, pool: Pool, path: str, body: bytes, adm: Admission) -> UpstreamResult:
+        """`send` for a request that holds its slot already (coalesce.py sends a member alone)."""
+        result = await self.call(pool, path, body, (adm.info,), adm.info.request_id)
         adm.done_tokens += usage_tokens(result.body) or 0
         return result
 
-    async def coalesced(
-        self,
-        pool: Pool,
-        codec: Codec,
-        base: dict[str, Any],
-        group: bytes,
-        limit: int,
-        tokenizer: ModelTokenizer,
-        member: Member,
-    ) -> Any:
+    async def coalesced(self, group: Group, member: Member) -> Any:
         """`member`'s answer from a call it may share with other requests (coalesce.py), under
         its own concurrency slot; its tokens are added to its own `done_tokens`."""
         assert self.coalescer is not None
-        info = member.adm.info
-        key = info.key_name or ""
-        await self._acquire(key, info)
+        key = member.adm.info.key_name or ""
+        await self._acquire(key, member.adm.info)
         try:
-            return await self.coalescer.submit(pool, codec, base, group, limit, tokenizer, member)
+            return await self.coalescer.submit(group, member)
         finally:
             self.gate.release(key)
 
@@ -114,10 +106,6 @@ class Dispatcher:
         if not _looks_like_object(result.body):
             raise self._not_json(pool, path, result)
         return result
-
-    @staticmethod
-    def tokens_of(body: bytes) -> int:
-        return usage_tokens(body) or 0
 
     async def json(self, pool: Pool, path: str, body: bytes, adm: Admission) -> dict[str, Any]:
         """One upstream call, its answer decoded (a 502 if it is not a JSON object)."""

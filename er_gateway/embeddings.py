@@ -22,9 +22,9 @@ import orjson
 from starlette.responses import Response
 
 from .admission import Admission
-from .cache import ResultCache, entry, parse_entry
+from .cache import ResultCache, entry
 from .catalog import use_backend_name
-from .coalesce import Member, apportion, in_order
+from .coalesce import Group, Member, apportion, in_order
 from .errors import GatewayError
 from .protocol import EmbeddingRequest
 from .qwen3 import embedding_query
@@ -140,7 +140,7 @@ class _Cached:
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                     usage = None
                 if isinstance(usage, dict):
-                    pool.usage_extra = {k: v for k, v in usage.items() if k not in ("prompt_tokens", "total_tokens")}
+                    _learn_usage(pool, usage)
                     self.cache.put_many([(self.keys[0], entry(total, value))])
                     return body
         try:
@@ -151,7 +151,7 @@ class _Cached:
             total = max(0, int(usage["total_tokens"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise GatewayError(502, "backend answered with something that is not an embeddings list") from None
-        pool.usage_extra = {k: v for k, v in usage.items() if k not in ("prompt_tokens", "total_tokens")}
+        _learn_usage(pool, usage)
         sent = [self.texts[i] for i in self.missing]
         tokenizer = rt.catalog.tokenizer(pool.model)
         if len(sent) == 1:
@@ -167,6 +167,11 @@ class _Cached:
         if not self.hits:
             return body  # nothing was cached: vLLM's answer as it came
         return self.answer(pool, adm, dict(zip(self.missing, values, strict=True)), total)
+
+
+def _learn_usage(pool: Pool, usage: dict[str, Any]) -> None:
+    """Keep the fields vLLM writes beside the counts, for answers made from the cache."""
+    pool.usage_extra = {k: v for k, v in usage.items() if k not in ("prompt_tokens", "total_tokens")}
 
 
 def _only_embedding(body: bytes) -> tuple[bytes, int] | None:
@@ -191,25 +196,21 @@ async def _lookup(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, Any])
     """This request's inputs in the result cache, or None if it is not cached (no cache, token
     ids). Says `X-Cache-Hits` and counts hits and misses."""
     cache = rt.cache
-    inputs = data["input"]
-    texts = [inputs] if isinstance(inputs, str) else inputs
-    if cache is None or not texts or not all(isinstance(t, str) for t in texts):
+    texts = _texts(data)
+    if cache is None or texts is None:
         return None
     params = orjson.dumps({k: v for k, v in data.items() if k not in ("input", "user")}, option=orjson.OPT_SORT_KEYS)
     keys = cache.keys(cache.namespace(pool.fingerprint, params, adm.key.hash), texts)
-    hits: dict[int, tuple[int, bytes]] = {}
-    for i, raw in enumerate(await cache.get_many(keys)):
-        found = parse_entry(raw) if raw is not None else None
-        if found is not None:
-            hits[i] = found
-    missing = [i for i in range(len(texts)) if i not in hits]
+    hits = await cache.known(keys, pool.model.name)
     adm.headers["X-Cache-Hits"] = str(len(hits))
-    m = rt.dispatch.metrics
-    if hits:
-        m.child(m.cache_hits, pool.model.name).inc(len(hits))
-    if missing:
-        m.child(m.cache_misses, pool.model.name).inc(len(missing))
-    return _Cached(cache, texts, keys, hits, missing)
+    return _Cached(cache, texts, keys, hits, [i for i in range(len(texts)) if i not in hits])
+
+
+def _texts(data: dict[str, Any]) -> list[str] | None:
+    """The inputs as a list of texts, or None when they are token ids (neither cached nor merged)."""
+    inputs = data["input"]
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    return texts if texts and all(isinstance(t, str) for t in texts) else None
 
 
 async def _coalesced(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, Any], body: bytes) -> bytes | None:
@@ -220,19 +221,16 @@ async def _coalesced(rt: Runtime, pool: Pool, adm: Admission, data: dict[str, An
     if coalescer is None or "truncate_prompt_tokens" in data:
         return None
     tokenizer = rt.catalog.tokenizer(pool.model)
-    inputs = data["input"]
-    texts = [inputs] if isinstance(inputs, str) else inputs
-    if tokenizer is None or not texts or not all(isinstance(t, str) for t in texts):
+    texts = _texts(data)
+    if tokenizer is None or texts is None:
         return None
     size = sum(len(t) if t.isascii() else len(t.encode()) for t in texts)
     if not coalescer.fits(len(texts), size):
         return None
     base = {k: v for k, v in data.items() if k != "input"}
-    group = orjson.dumps(base, option=orjson.OPT_SORT_KEYS)
-    limit = rt.settings.max_batch_inputs
-    answer: bytes = await rt.dispatch.coalesced(
-        pool, CODEC, base, group, limit, tokenizer, Member(adm, body, texts, None, size)
-    )
+    key = orjson.dumps(base, option=orjson.OPT_SORT_KEYS)
+    group = Group(pool, CODEC, base, key, rt.settings.max_batch_inputs, tokenizer)
+    answer: bytes = await rt.dispatch.coalesced(group, Member(adm, body, texts, None, size))
     return answer
 
 

@@ -84,6 +84,7 @@ class Gateway:
                 scope=settings.cache_scope,
                 timeout=settings.redis_timeout,
                 breaker_interval=settings.redis_breaker_interval,
+                on_lookup=self._count_lookup,
             )
             if settings.cache_size > 0
             else None
@@ -164,6 +165,13 @@ class Gateway:
             await asyncio.sleep(1.0)
             if self.keys.changed():
                 self.reload_keys()
+
+    def _count_lookup(self, model: str, hits: int, misses: int) -> None:
+        m = self.metrics
+        if hits:
+            m.child(m.cache_hits, model).inc(hits)
+        if misses:
+            m.child(m.cache_misses, model).inc(misses)
 
     async def sync_cache(self) -> None:
         """Start a new cache epoch for every model a replica of which came back (cache.py)."""

@@ -24,9 +24,9 @@ import orjson
 from starlette.responses import Response
 
 from .admission import Admission
-from .cache import ResultCache, entry, parse_entry
+from .cache import ResultCache, entry
 from .catalog import use_backend_name
-from .coalesce import Member, apportion, exact_extra, in_order
+from .coalesce import Group, Member, apportion, exact_extra, in_order
 from .dispatch import gather_all
 from .errors import GatewayError
 from .protocol import RerankRequest, ScoreRequest
@@ -269,20 +269,13 @@ async def _lookup(rt: Runtime, pool: Pool, adm: Admission, base: dict[str, Any],
     params = orjson.dumps(base, option=orjson.OPT_SORT_KEYS)
     keys = cache.keys(cache.namespace(pool.fingerprint, params, adm.key.hash), docs)
     hits: dict[int, tuple[int, float]] = {}
-    for i, raw in enumerate(await cache.get_many(keys)):
-        found = parse_entry(raw) if raw is not None else None
-        if found is not None:
-            try:
-                hits[i] = (found[0], float(found[1]))
-            except ValueError:
-                pass  # not an entry of ours: a miss
+    for i, (tokens, value) in (await cache.known(keys, pool.model.name)).items():
+        try:
+            hits[i] = (tokens, float(value))
+        except ValueError:
+            pass  # not a score: a miss
     missing = [i for i in range(len(docs)) if i not in hits]
     adm.headers["X-Cache-Hits"] = str(int(adm.headers.get("X-Cache-Hits", 0)) + len(hits))
-    m = rt.dispatch.metrics
-    if hits:
-        m.child(m.cache_hits, pool.model.name).inc(len(hits))
-    if missing:
-        m.child(m.cache_misses, pool.model.name).inc(len(missing))
     return _Cached(cache, keys, hits, missing)
 
 
@@ -320,10 +313,10 @@ async def _coalesced(
     if not coalescer.fits(len(docs), size):
         return None
     shared = {k: v for k, v in base.items() if k != "text_1"}
-    group = orjson.dumps(shared, option=orjson.OPT_SORT_KEYS)
+    key = orjson.dumps(shared, option=orjson.OPT_SORT_KEYS)
+    group = Group(pool, SCORE_CODEC, shared, key, rt.settings.max_batch_docs, tokenizer)
     member = Member(adm, orjson.dumps({**base, "text_2": docs}), docs, head, size)
-    limit = rt.settings.max_batch_docs
-    answer: dict[str, Any] = await rt.dispatch.coalesced(pool, SCORE_CODEC, shared, group, limit, tokenizer, member)
+    answer: dict[str, Any] = await rt.dispatch.coalesced(group, member)
     return answer
 
 
