@@ -3,6 +3,7 @@ what vLLM gave, and a changed or restarted backend is never answered for from ol
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from pathlib import Path
@@ -315,3 +316,34 @@ async def test_an_epoch_never_goes_back(tmp_path: Path) -> None:
     finally:
         await cache.close()
         redis.stop()
+
+
+async def test_entries_expire_in_redis_after_the_ttl(tmp_path: Path) -> None:
+    """--cache-ttl bounds what Redis holds: every entry is written with that expiry."""
+    from er_gateway.cache import PREFIX, ResultCache, entry
+
+    redis = start_redis(tmp_path)
+    cache = ResultCache(1 << 20, redis.url, ttl=2)
+    try:
+        key = cache.keys(cache.namespace("fp", b"{}", ""), ["expires"])[0]
+        cache.put_many([(key, entry(3, b"[0.5]"))])
+        await cache.close()  # waits for the background write
+        cache = ResultCache(1 << 20, redis.url, ttl=2)  # a gateway with nothing in memory
+        assert cache.redis is not None
+        assert 0 < await cache.redis.ttl(PREFIX + key) <= 2
+        assert await cache.known([key], "m") == {0: (3, b"[0.5]")}
+        await asyncio.sleep(2.2)
+        await cache.close()
+        cache = ResultCache(1 << 20, redis.url)
+        assert await cache.known([key], "m") == {}
+    finally:
+        await cache.close()
+        redis.stop()
+
+
+def test_cache_settings_are_checked() -> None:
+    from er_gateway.settings import SettingsError, load_settings
+
+    for env in ({"ER_CACHE_SIZE": "-1"}, {"ER_CACHE_TTL": "0"}, {"ER_CACHE_SCOPE": "everyone"}):
+        with pytest.raises(SettingsError):
+            load_settings({}, env)
