@@ -120,6 +120,8 @@ class GatewayASGI:
                 headers.append((b"x-request-id", info.request_id.encode("latin-1")))
                 if info.route:
                     headers.append((b"x-gateway-overhead-ms", f"{info.overhead_ms:.3f}".encode()))
+                if self.gateway.drain.since is not None:  # clients reconnect elsewhere (drain.py)
+                    headers.append((b"connection", b"close"))
                 message["headers"] = headers
             await send(message)
 

@@ -194,7 +194,7 @@ def serve(settings: Any, cli: dict[str, Any]) -> int:
         log_config=None,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.drain_timeout,
         backlog=4096,
     )
     if settings.workers > 1:

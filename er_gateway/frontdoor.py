@@ -52,6 +52,7 @@ LINGER_BYTES = 64 * 1024 * 1024  # most request bytes read and dropped after an 
 LINGER_IDLE = 5.0  # seconds without a byte that end a lingering close
 LINGER_TIME = 30.0  # seconds a lingering close may last in all
 REFUSAL_LOG_INTERVAL = 10.0
+SHUTDOWN_GRACE = 0.5  # seconds an idle keep-alive connection stays open once shutdown begins
 _OPEN_ROOM = 1 << 62  # "no head in progress": body bytes are never counted against the head limit
 
 
@@ -269,6 +270,24 @@ class FrontDoorProtocol(HttpToolsProtocol):
                 self._head_too_large()
                 return
             mv = mv[room:]
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown, per connection. An idle keep-alive connection may already
+        carry a request its client sent before it could know (HTTP's keep-alive race): closing it
+        at once would reset that request. So it is closed `SHUTDOWN_GRACE` seconds later, or after
+        the answer to a request that arrives meanwhile."""
+        c = self.cycle
+        if c is None or c.response_complete:
+            self.loop.call_later(SHUTDOWN_GRACE, self._close_when_done)
+        else:
+            c.keep_alive = False
+
+    def _close_when_done(self) -> None:
+        c = self.cycle
+        if c is None or c.response_complete:
+            self.transport.close()
+        else:
+            c.keep_alive = False
 
     def on_headers_complete(self) -> None:
         self._head_since = None

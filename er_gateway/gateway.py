@@ -21,6 +21,7 @@ from .cache import ResultCache
 from .catalog import Catalog
 from .concurrency import FairGate
 from .dispatch import Dispatcher
+from .drain import Drain
 from .errors import GatewayError
 from .keys import KeysFileError, KeyStore
 from .manage import ModelManager
@@ -61,7 +62,7 @@ RESTART_ONLY = (
     "host", "port", "workers", "max_concurrency", "max_concurrency_per_key", "queue_timeout", "keys_file",
     "header_timeout", "max_header_bytes", "keepalive_timeout", "max_connections", "ssl_certfile", "ssl_keyfile",
     "log_dir", "log_level", "log_format", "log_max_bytes", "log_backups", "access_log", "cache_size", "cache_ttl",
-    "cache_scope",
+    "cache_scope", "drain_delay", "drain_timeout",
 )  # fmt: skip
 
 
@@ -71,6 +72,7 @@ class Gateway:
         self.keys = KeyStore(settings.keys_file)
         self.metrics = Metrics()
         self.recent = Recent()
+        self.drain = Drain(settings.drain_delay)
         # Each worker process gets its share of the caps, so N workers still send at most N×share.
         per_worker = max(1, -(-settings.max_concurrency // settings.workers))
         per_key = max(1, -(-settings.per_key_concurrency // settings.workers))
@@ -144,7 +146,9 @@ class Gateway:
             # gauges on a scrape; the others keep theirs at most a second old.
             self._spawn(self._refresh_gauges_forever())
         # `kill -HUP <pid>`: re-read the keys file now (the watcher would within a second anyway).
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_keys)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        self.drain.install(loop)
 
     async def stop(self) -> None:
         for t in list(self._tasks):

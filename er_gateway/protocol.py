@@ -296,9 +296,16 @@ class Health(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    status: Literal["healthy", "degraded", "unhealthy"] | None = None
+    status: Literal["healthy", "degraded", "unhealthy", "draining"] | None = None
     model_loaded: bool | None = None
     models: dict[str, Any] | None = None
+
+
+class Probe(BaseModel):
+    """A probe's answer: `/health/live` (the process serves) or `/health/ready` (send it traffic)."""
+
+    status: Literal["alive", "ready", "unready", "draining"]
+    models: dict[str, bool] | None = None  # /health/ready: whether each model can serve
 
 
 class ReloadAnswer(BaseModel):

@@ -230,7 +230,20 @@ async def health_route(c: Call) -> Response:
     status, body = health(
         c.rt.catalog, admin=c.rt.admission.is_admin(c.api_key), model=c.request.query_params.get("model")
     )
+    if c.gw.drain.active:  # shutting down: a load balancer must stop sending here
+        status, body["status"] = 503, "draining"
     return json_response(body, status=status)
+
+
+async def health_live(c: Call) -> Response:
+    return json_response({"status": "alive"})
+
+
+async def health_ready(c: Call) -> Response:
+    _, body = health(c.rt.catalog)
+    models = {name: m["ready"] for name, m in body["models"].items()}
+    state = "draining" if c.gw.drain.active else "ready" if any(models.values()) else "unready"
+    return json_response({"status": state, "models": models}, status=200 if state == "ready" else 503)
 
 
 async def metrics(c: Call) -> Response:
@@ -375,7 +388,30 @@ ROUTES: tuple[Route, ...] = (
         errors=(404,),
         other=((503, p.Health),),
         key=False,
-        description="200 while at least one model can serve, 503 when none can; `?model=` for one model.",
+        description="200 while at least one model can serve, 503 when none can or the gateway is draining "
+        "(SIGTERM); `?model=` for one model.",
+    ),
+    Route(
+        "GET",
+        "/health/live",
+        health_live,
+        "Liveness probe: the process serves",
+        "operations",
+        answer=p.Probe,
+        key=False,
+        description="Always 200 while the process answers HTTP, draining included (a restart would not help).",
+    ),
+    Route(
+        "GET",
+        "/health/ready",
+        health_ready,
+        "Readiness probe: send this gateway traffic",
+        "operations",
+        answer=p.Probe,
+        other=((503, p.Probe),),
+        key=False,
+        description="200 while at least one model can serve; 503 when none can, and at once on SIGTERM "
+        "(`--drain-delay`).",
     ),
     Route(
         "GET",

@@ -118,6 +118,8 @@ class Settings(BaseModel):
     cache_ttl: float = Field(86400.0, gt=0)
     cache_scope: Literal["key", "shared"] = "key"
     workers: int = Field(1, ge=1)
+    drain_delay: float = Field(5.0, ge=0)
+    drain_timeout: float = Field(30.0, ge=0)
     log_dir: str = "logs"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
@@ -350,6 +352,13 @@ OPTIONS: tuple[Option, ...] = (
         "SCOPE",
     ),
     Option("workers", "worker processes (more than 1 needs --redis-url)", "N"),
+    Option(
+        "drain_delay",
+        "on SIGTERM, seconds the gateway keeps serving (with /health/ready at 503) before it stops "
+        "accepting connections, for load balancers to notice",
+        "S",
+    ),
+    Option("drain_timeout", "after the drain delay, seconds in-flight requests may take to finish", "S"),
     Option("log_dir", "directory of embedding_reranker_proxy.log and access.log", "DIR"),
     Option("log_level", "debug | info | warning | error", "LEVEL"),
     Option("log_format", "text | json", "FORMAT"),

@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 EMB = "Qwen3-Embedding-0.6B"
 RER = "Qwen3-Reranker-0.6B"
+# Every gateway the tests start (directly or through the scripts) stops at once on SIGTERM; the
+# drain's own tests (tests/test_drain.py) pass --drain-delay.
+os.environ.setdefault("ER_DRAIN_DELAY", "0")
 
 
 def self_signed_cert(tmp: Path) -> tuple[Path, Path]:

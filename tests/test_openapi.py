@@ -61,8 +61,9 @@ def test_the_document_is_valid_and_covers_the_route_table(stack: Stack) -> None:
         if int(code) >= 400
     ]
     assert every_error
-    for path, code, resp in every_error:  # the envelope, but for /health's own 503 report
-        want = "/Health" if (path, code) == ("/health", "503") else "/ErrorEnvelope"
+    own = {("/health", "503"): "/Health", ("/health/ready", "503"): "/Probe"}
+    for path, code, resp in every_error:  # the envelope, but for the health routes' own 503 reports
+        want = own.get((path, code), "/ErrorEnvelope")
         assert resp["content"]["application/json"]["schema"]["$ref"].endswith(want), (path, code)
 
 
@@ -98,6 +99,10 @@ def test_real_answers_match_their_documented_schemas(stack: Stack) -> None:
     r = httpx.put(gw.url + "/v1/embeddings")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     _validator(spec, "ErrorEnvelope").validate(r.json())
+    for probe in ("/health/live", "/health/ready"):
+        r = httpx.get(gw.url + probe)
+        assert r.status_code == 200, probe
+        _validator(spec, "Probe").validate(r.json())
 
 
 def test_health_503_matches_its_documented_schema(tmp_path: Path) -> None:
@@ -111,6 +116,9 @@ def test_health_503_matches_its_documented_schema(tmp_path: Path) -> None:
         assert r.status_code == 503
         jsonschema.Draft202012Validator({**schema, "components": spec["components"]}).validate(r.json())
         assert r.json()["status"] == "unhealthy"
+        r = httpx.get(gw.url + "/health/ready")
+        assert r.status_code == 503 and r.json()["status"] == "unready"
+        _validator(spec, "Probe").validate(r.json())
     finally:
         gw.stop()
 
