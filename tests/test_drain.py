@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import httpx
-from conftest import EMB, Backend, backend_args, free_port, start_backend, start_gateway, wait_until
+from conftest import EMB, Backend, backend_args, free_port, start_backend, start_gateway, start_redis, wait_until
 
 
 def only(emb: Backend) -> list[str]:
@@ -224,3 +224,25 @@ def test_rolling_restart_behind_nginx_loses_no_request(tmp_path: Path) -> None:
         for g in gws:
             g.stop()
         emb.stop()
+
+
+def test_workers_drain_and_the_supervisor_exits_0(tmp_path: Path) -> None:
+    """With --workers 2 the supervisor passes SIGTERM to each worker, and each drains."""
+    redis = start_redis(tmp_path)
+    emb = start_backend(tmp_path, "embedding")
+    gw = start_gateway(tmp_path, *only(emb), "--workers", "2", "--redis-url", redis.url, "--drain-delay", "1.5")
+    try:
+        wait_until(lambda: httpx.get(gw.url + "/health/ready").status_code == 200, 20, "ready")
+        sent = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        # New connections go to either worker: every one of them answers 503 during the delay.
+        wait_until(lambda: httpx.get(gw.url + "/health/ready").status_code == 503, 1.0, "draining")
+        assert all(httpx.get(gw.url + "/health/ready").status_code == 503 for _ in range(6))
+        assert _embed(gw.url, gw.key).status_code == 200
+        assert time.monotonic() - sent < 1.5
+        assert gw.proc.wait(15) == 0
+        assert time.monotonic() - sent >= 1.5
+    finally:
+        gw.stop()
+        emb.stop()
+        redis.stop()
