@@ -9,11 +9,16 @@ closed when the last request using it is done. Everything that talks to vLLM goe
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
+import math
+import re
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -25,6 +30,9 @@ from .settings import ModelConfig, Settings
 log = logging.getLogger("er_gateway.upstream")
 MODELS_MAX_BYTES = 1 << 20  # a /v1/models answer read for names (vLLM's is a few hundred bytes)
 MODELS_MAX_NAMES = 16
+METRICS_MAX_BYTES = 8 << 20  # a vLLM /metrics page is ~100 KB; one bigger is not read
+# vLLM's scheduler gauges (one line per engine): requests in the batch and in its queue.
+_LOAD_LINE = re.compile(rb"^vllm:num_requests_(?:running|waiting)(?:\{[^}\n]*\})? +([^ \n]+)", re.M)
 # (model name, replica index, failure kind): counted in er_upstream_errors_total.
 ErrorHook = Callable[[str, str, str], None]
 
@@ -36,6 +44,7 @@ class Replica:
     requests on every configuration; the HTTP client is the configuration's (Upstreams.clients)."""
 
     url: str
+    origin: str = ""  # the configured URL it comes from (another when DNS expanded one: Upstreams.discover)
     outstanding: int = 0
     # Active health: False only after a failed check or a refused connection.
     healthy: bool = True
@@ -55,6 +64,11 @@ class Replica:
     restarts: int = 0
     # Being restarted by /reload_model (manage.py): takes no new requests meanwhile.
     draining: bool = False
+    # vLLM's own load at the last health check (running + waiting requests, from its /metrics),
+    # and how much of it was not ours: other gateways' and workers' requests. Replica choice
+    # adds `others` to our own outstanding count, so N gateways balance the same vLLM queues.
+    load: float | None = None
+    others: float = 0.0
 
     def state(self, index: int, *, with_url: bool = False) -> dict[str, object]:
         return {
@@ -65,6 +79,7 @@ class Replica:
             "last_error": self.last_error,
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
             "outstanding": self.outstanding,
+            "load": self.load,
             "requests": self.requests,
             "served": list(self.served),
             "max_model_len": self.max_model_len,
@@ -143,7 +158,9 @@ class Pool:
     def fingerprint(self) -> str:
         """What a cached result of this model depends on: its name, the name vLLM serves it
         under, and each replica's URL and weights (cache.py adds the restart epoch)."""
-        replicas = ";".join(f"{r.url}={','.join(r.roots)}" for r in self.replicas)
+        # By configured URL, not address: a headless Service's pods coming and going (with the
+        # same weights) must not empty the cache.
+        replicas = ";".join(sorted({f"{r.origin or r.url}={','.join(r.roots)}" for r in self.replicas}))
         return f"{self.model.name}|{self.model.kind}|{self.model.prompt}|{self.upstream_name}|{replicas}"
 
     @property
@@ -155,7 +172,8 @@ class Pool:
         return {"model": self.upstream_name} if self.upstream_name else {}
 
     def pick(self, exclude: Iterable[Replica] = ()) -> Replica | None:
-        """Least outstanding requests among usable replicas; ties go round-robin."""
+        """Least load among usable replicas: our outstanding requests plus what vLLM last
+        reported of everyone else's (`Replica.others`); ties go round-robin."""
         now = time.monotonic()
         excluded = set(exclude)
         usable = [r for r in self.replicas if r.healthy and not r.draining and r not in excluded]
@@ -165,8 +183,8 @@ class Pool:
         candidates = fresh or usable
         if len(candidates) == 1:
             return candidates[0]
-        low = min(r.outstanding for r in candidates)
-        best = [r for r in candidates if r.outstanding == low]
+        low = min(r.outstanding + r.others for r in candidates)
+        best = [r for r in candidates if r.outstanding + r.others == low]
         return best[next(self._rr) % len(best)]
 
     async def post(
@@ -273,7 +291,14 @@ class Pool:
         Clients and public pages name a replica by its position in its model's list: internal
         hosts and ports are the operator's business (logs and admin views show URLs).
         """
-        return f"backend replica {self.replicas.index(replica)} of model {self.model.name!r}"
+        return f"backend replica {self.index(replica)} of model {self.model.name!r}"
+
+    def index(self, replica: Replica) -> str:
+        """A replica's name in metrics and messages: its position in the model's list."""
+        try:
+            return str(self.replicas.index(replica))
+        except ValueError:  # removed by discovery while its request ran
+            return "gone"
 
     def _fail(self, replica: Replica, kind: str, message: str, *, down: bool = False) -> None:
         replica.last_error = f"{kind}: {message}"
@@ -281,7 +306,7 @@ class Pool:
         if down:
             replica.healthy = False
         if self.on_error is not None:
-            self.on_error(self.model.name, str(self.replicas.index(replica)), kind)
+            self.on_error(self.model.name, self.index(replica), kind)
         # `message` comes from the backend's body: escaped, so a hostile upstream cannot forge log lines.
         log.warning("replica %s of %s failed (%s): %s", replica.url, self.model.name, kind, log_field(message))
 
@@ -304,6 +329,9 @@ class Upstreams:
         self.pools: dict[str, Pool] = {}
         self.served: dict[str, ModelConfig] = {}  # names the backends report, to their model
         self.registry = {} if registry is None else registry
+        # Configured URL -> the replica URLs it stands for: itself, or one per address when its
+        # host name resolves to several (discover()).
+        self.expanded: dict[str, tuple[str, ...]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def _client(self, url: str) -> HTTPPool:
@@ -324,16 +352,73 @@ class Upstreams:
 
     def build(self, models: list[ModelConfig]) -> dict[str, Pool]:
         """Pools for `models`; a URL two models share is one replica with one client."""
-        pools: dict[str, Pool] = {}
-        for m in models:
-            replicas = []
-            for url in m.urls:
+        return {m.name: Pool(m, self._replicas(m), self.settings, self.clients, self.on_error) for m in models}
+
+    def _replicas(self, model: ModelConfig) -> list[Replica]:
+        replicas = []
+        for origin in model.urls:
+            for url in self.expanded.get(origin, (origin,)):
                 self._client(url)
-                replicas.append(self.registry.get(url) or self.registry.setdefault(url, Replica(url)))
-            pools[m.name] = Pool(m, replicas, self.settings, self.clients, self.on_error)
-        return pools
+                replica = self.registry.get(url) or self.registry.setdefault(url, Replica(url, origin))
+                replicas.append(replica)
+        return replicas
+
+    async def discover(self) -> bool:
+        """Expand each http URL whose host name resolves to several addresses (a Kubernetes
+        headless Service) into one replica per address; called every health interval, so
+        scaling vLLM needs no configuration change. Returns whether a pool's replicas changed.
+
+        IPv4 addresses are used when there are any (a dual-stack name would otherwise count
+        each server twice; `localhost` stays one replica). https URLs are left as they are: a
+        certificate names the service, not each pod's address. A failed lookup keeps the
+        replicas already known.
+        """
+        changed = False
+        for origin in dict.fromkeys(u for m in self.settings.models for u in m.urls):
+            found = await self._addresses(origin)
+            if found is None:
+                continue
+            urls = tuple(found) if len(found) >= 2 else (origin,)
+            if self.expanded.get(origin, (origin,)) != urls:
+                log.info("%s resolves to %d replica(s): %s", origin, len(urls), ", ".join(urls))
+                self.expanded[origin] = urls
+                changed = True
+        if changed:
+            for pool in self.pools.values():
+                pool.replicas = self._replicas(pool.model)
+            live = {r.url for p in self.pools.values() for r in p.replicas}
+            for url in [u for u in self.clients if u not in live and not self.registry[u].outstanding]:
+                await self.clients.pop(url).close()
+            self.learn_names()
+        return changed
+
+    async def _addresses(self, origin: str) -> list[str] | None:
+        """The replica URLs `origin`'s host name resolves to (None: not a name, or no answer)."""
+        parts = urlsplit(origin)
+        host = parts.hostname or ""
+        if parts.scheme != "http":
+            return None
+        try:
+            ipaddress.ip_address(host)
+            return None  # an address already
+        except ValueError:
+            pass
+        port = parts.port or 80
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
+                self.settings.health_timeout,
+            )
+        except (OSError, TimeoutError) as e:
+            log.debug("cannot resolve %s: %s", host, e)
+            return None
+        v4 = sorted({str(i[4][0]) for i in infos if i[0] == socket.AF_INET}, key=ipaddress.ip_address)
+        v6 = sorted({str(i[4][0]) for i in infos if i[0] == socket.AF_INET6}, key=ipaddress.ip_address)
+        netloc = [f"{a}:{port}" for a in v4] or [f"[{a}]:{port}" for a in v6]
+        return [urlunsplit(("http", n, parts.path, "", "")) for n in netloc]
 
     async def start(self, *, first_check: bool = True) -> None:
+        await self.discover()
         self.pools = self.build(self.settings.models)
         self.learn_names()
         if first_check:
@@ -367,8 +452,9 @@ class Upstreams:
         if ok:
             try:
                 await self._read_models(replica)
+                await self._read_load(replica)
             except (UpstreamError, TimeoutError) as e:  # health is /health's to say, not this
-                log.debug("replica %s: /v1/models not read: %s", replica.url, e)
+                log.debug("replica %s: /v1/models or /metrics not read: %s", replica.url, e)
         if ok and not replica.healthy:
             log.info("replica %s is healthy again", replica.url)
             replica.ejected_until = 0.0
@@ -402,6 +488,28 @@ class Upstreams:
         replica.served = served or replica.served
         replica.max_model_len = min(lens) if lens else replica.max_model_len
         replica.roots = roots if served else replica.roots
+
+    async def _read_load(self, replica: Replica) -> None:
+        """vLLM's running + waiting requests, from its Prometheus page; what of it is not ours
+        becomes `others`. A backend without the gauges (not vLLM, or a version without them)
+        keeps `others` at 0: replica choice is then our outstanding count alone."""
+        resp = await self.clients[replica.url].request("GET", "/metrics", timeout=self.settings.health_timeout)
+        if resp.status != 200 or len(resp.body) > METRICS_MAX_BYTES:
+            replica.load, replica.others = None, 0.0
+            return
+        total = 0.0
+        found = False
+        for m in _LOAD_LINE.finditer(resp.body):
+            try:
+                v = float(m.group(1))
+            except ValueError:
+                continue
+            if math.isfinite(v) and 0 <= v <= 1e6:  # a hostile page cannot make a replica look idle
+                total += v
+                found = True
+        replica.load = total if found else None
+        # Our own requests on it are counted by vLLM too; they are in `outstanding` already.
+        replica.others = max(0.0, total - replica.outstanding) if found else 0.0
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(r) for r in self.replicas()))
@@ -448,6 +556,7 @@ class Upstreams:
         while True:
             await asyncio.sleep(self.settings.health_interval)
             try:
+                await self.discover()
                 await self.check_all()
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("health check loop failed")

@@ -108,13 +108,20 @@ class Backend(Proc):
 
 
 def start_backend(
-    tmp: Path, kind: str = "embedding", name: str | None = None, port: int | None = None, extra: list[str] | None = None
+    tmp: Path,
+    kind: str = "embedding",
+    name: str | None = None,
+    port: int | None = None,
+    extra: list[str] | None = None,
+    host: str = "127.0.0.1",
 ) -> Backend:
     port = port or free_port()
     name = name or (EMB if kind == "embedding" else RER)
     cmd = [
         PY,
         str(ROOT / "tests" / "fake_vllm.py"),
+        "--host",
+        host,
         "--port",
         str(port),
         "--kind",
@@ -123,8 +130,8 @@ def start_backend(
         name,
         *(extra or []),
     ]
-    p = spawn(cmd, tmp / f"backend-{port}.log")
-    b = Backend(p.proc, p.log, f"http://127.0.0.1:{port}", name, kind)
+    p = spawn(cmd, tmp / f"backend-{host}-{port}.log")
+    b = Backend(p.proc, p.log, f"http://{host}:{port}", name, kind)
     wait_until(lambda: httpx.get(b.url + "/health").status_code == 200, 20, "stand-in vLLM", b.proc)
     return b
 
@@ -176,6 +183,7 @@ def start_gateway(
     admin_key: bool = True,
     wait: bool = True,
     cache: bool = False,
+    prefix: tuple[str, ...] = (),
 ) -> GatewayProc:
     """A gateway process. The result cache is off unless `cache` (or a --cache-size is given):
     a test of upstream behaviour must reach the upstream every time; tests/test_cache.py, the
@@ -201,6 +209,7 @@ def start_gateway(
         assert r.returncode == 0, r.stderr
         key = r.stdout.strip()
     cmd = [
+        *prefix,  # e.g. a command that runs the gateway in its own mount namespace
         PY,
         str(ROOT / "embedding_reranker_proxy.py"),
         "--host",

@@ -405,6 +405,23 @@ def make_app(fake: Fake, api_key: str | None = None) -> web.Application:
 
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
+
+    async def metrics(request: web.Request) -> web.Response:
+        # vLLM's scheduler gauges, in its format (one line per engine, labelled by engine and model)
+        capacity = fake.engine.capacity if fake.engine else fake.current
+        running = min(fake.current, capacity)
+        labels = f'{{engine="0",model_name="{fake.name}"}}'
+        text = (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{labels} {float(running)}\n"
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{labels} {float(fake.current - running)}\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/_stats", stats)
     app.router.add_post("/_admin", admin)
     app.router.add_post("/v1/embeddings", wrap(fake.embeddings))

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import orjson
-from conftest import EMB, RER, start_backend, start_gateway, wait_until
+from conftest import EMB, RER, Backend, free_port, start_backend, start_gateway, wait_until
 
 
 def strip_ids(body: dict) -> dict:  # type: ignore[type-arg]
@@ -112,6 +112,92 @@ def test_load_spreads_evenly(tmp_path: Path) -> None:
         gw.stop()
         for b in backends:
             b.stop()
+
+
+def _depth(url: str) -> float:
+    """vLLM's running + waiting requests, read from its /metrics as the gateway reads them."""
+    page = httpx.get(url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith("vllm:num_requests_"))
+
+
+def _load(clients: list[tuple[str, dict[str, str]]], replicas: list[str], seconds: float) -> dict[str, float]:
+    """Each (url, headers) a client embedding one input at a time for `seconds`; returns each
+    replica's mean queue depth (running + waiting, sampled from its /metrics every 50 ms)."""
+    depths: dict[str, list[float]] = {u: [] for u in replicas}
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+
+            async def client(url: str, headers: dict[str, str]) -> None:
+                while not stop.is_set():
+                    body = {"input": "x", "model": EMB}
+                    async with s.post(url + "/v1/embeddings", json=body, headers=headers) as r:
+                        assert r.status == 200, await r.text()
+
+            async def sample() -> None:
+                await asyncio.sleep(1.0)  # past the first health checks under load
+                while not stop.is_set():
+                    for url in depths:
+                        depths[url].append(await asyncio.to_thread(_depth, url))
+                    await asyncio.sleep(0.05)
+
+            tasks = [asyncio.create_task(client(u, h)) for u, h in clients]
+            sampler = asyncio.create_task(sample())
+            await asyncio.sleep(seconds)
+            stop.set()
+            await asyncio.gather(*tasks, sampler)
+
+    asyncio.run(run())
+    return {u: sum(d) / len(d) for u, d in depths.items()}
+
+
+def _within(mean: dict[str, float], spread: float) -> bool:
+    overall = sum(mean.values()) / len(mean)
+    return all(abs(m - overall) <= spread * overall for m in mean.values())
+
+
+def _fast_and_slow(tmp_path: Path) -> tuple[Backend, Backend, tuple[str, ...]]:
+    fast = start_backend(tmp_path, "embedding", extra=["--step-time", "0.01", "--step-capacity", "2"])
+    slow = start_backend(tmp_path, "embedding", extra=["--step-time", "0.03", "--step-capacity", "2"])
+    args = ("--embedding-url", f"{fast.url},{slow.url}", "--reranker-url", "none", "--health-interval", "0.5")
+    return fast, slow, (*args, "--no-coalesce")
+
+
+def test_three_gateways_balance_a_fast_and_a_slow_replica(tmp_path: Path) -> None:
+    """3 gateways x 2 replicas, one 3x slower: the slow one gets about a quarter of the requests,
+    and both replicas' queues stay within 20 % of their mean."""
+    fast, slow, args = _fast_and_slow(tmp_path)
+    keys = tmp_path / "er_api_keys.json"
+    gws = [start_gateway(tmp_path / "g0", *args, keys_file=keys)]
+    gws += [start_gateway(tmp_path / f"g{i}", *args, keys_file=keys) for i in (1, 2)]
+    try:
+        mean = _load([(g.url, gws[0].auth) for g in gws for _ in range(8)], [fast.url, slow.url], 5.0)
+        served = {b.url: b.stats()["by_path"].get("/v1/embeddings", 0) for b in (fast, slow)}
+        share = served[slow.url] / sum(served.values())
+        assert 0.15 <= share <= 0.35, served  # 1/4 is proportional to speed
+        assert _within(mean, 0.2), mean
+    finally:
+        for g in gws:
+            g.stop()
+        fast.stop()
+        slow.stop()
+
+
+def test_load_from_outside_the_gateway_is_balanced_too(tmp_path: Path) -> None:
+    """8 clients send to the fast replica directly (another gateway, another team): the gateway
+    reads vLLM's queue and sends its own 16 clients so that both queues end up level (12 and 12;
+    counting only its own requests it would make them 16 and 8)."""
+    fast, slow, args = _fast_and_slow(tmp_path)
+    gw = start_gateway(tmp_path, *args)
+    try:
+        clients = [(fast.url, {}) for _ in range(8)] + [(gw.url, gw.auth) for _ in range(16)]
+        mean = _load(clients, [fast.url, slow.url], 5.0)
+        assert _within(mean, 0.2), mean
+    finally:
+        gw.stop()
+        fast.stop()
+        slow.stop()
 
 
 def test_split_and_unsplit_answers_are_identical(tmp_path: Path) -> None:
@@ -268,3 +354,50 @@ def test_a_backend_cannot_claim_another_models_name(tmp_path: Path) -> None:
     finally:
         for p in (gw, emb, rer):
             p.stop()
+
+
+def test_a_name_with_several_addresses_is_one_replica_per_address(tmp_path: Path) -> None:
+    """A Kubernetes headless Service: one name, one address per vLLM pod. The gateway, in its own
+    mount namespace with its own /etc/hosts, follows the name as pods come and go."""
+    port = free_port()
+    backends = {ip: start_backend(tmp_path, "embedding", port=port, host=ip) for ip in ("127.0.0.2", "127.0.0.3")}
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.2 vllm-headless\n127.0.0.3 vllm-headless\n")
+    own_hosts = ("unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts))
+    gw = start_gateway(
+        tmp_path,
+        *("--embedding-url", f"http://vllm-headless:{port}", "--reranker-url", "none", "--health-interval", "0.3"),
+        prefix=own_hosts,
+    )
+
+    def replicas() -> list[str]:
+        return [r["url"] for r in gw.get("/health").json()["models"][EMB]["replicas"]]
+
+    def spread(n: int) -> dict[str, int]:
+        for b in backends.values():
+            b.admin(reset_stats=True)
+        for i in range(n):
+            assert gw.post("/v1/embeddings", {"input": f"t{i}"}).status_code == 200
+        return {ip: b.stats()["requests"] for ip, b in backends.items()}
+
+    try:
+        assert replicas() == [f"http://127.0.0.2:{port}", f"http://127.0.0.3:{port}"]
+        assert spread(20) == {"127.0.0.2": 10, "127.0.0.3": 10}
+        # scale up: a third pod appears in DNS
+        backends["127.0.0.4"] = start_backend(tmp_path, "embedding", port=port, host="127.0.0.4")
+        hosts.write_text("127.0.0.2 vllm-headless\n127.0.0.3 vllm-headless\n127.0.0.4 vllm-headless\n")
+        wait_until(lambda: len(replicas()) == 3, 5, "third replica")
+        assert spread(30) == {"127.0.0.2": 10, "127.0.0.3": 10, "127.0.0.4": 10}
+        # scale down: a pod leaves DNS (and is stopped); nothing is sent to it again
+        hosts.write_text("127.0.0.3 vllm-headless\n127.0.0.4 vllm-headless\n")
+        wait_until(lambda: len(replicas()) == 2, 5, "two replicas")
+        backends.pop("127.0.0.2").stop()
+        assert spread(10) == {"127.0.0.3": 5, "127.0.0.4": 5}
+        # one address left: the name itself is the replica again
+        hosts.write_text("127.0.0.4 vllm-headless\n")
+        wait_until(lambda: replicas() == [f"http://vllm-headless:{port}"], 5, "the name again")
+        assert spread(4) == {"127.0.0.3": 0, "127.0.0.4": 4}
+    finally:
+        gw.stop()
+        for b in backends.values():
+            b.stop()

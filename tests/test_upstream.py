@@ -13,7 +13,7 @@ from conftest import free_port
 
 from er_gateway.errors import GatewayError
 from er_gateway.settings import load_settings
-from er_gateway.upstream import MODELS_MAX_BYTES, Pool, Upstreams
+from er_gateway.upstream import METRICS_MAX_BYTES, MODELS_MAX_BYTES, Pool, Upstreams
 
 
 class Scripted:
@@ -187,15 +187,74 @@ async def test_least_outstanding_then_round_robin() -> None:
     await ups.close()
 
 
-async def serve_models(answer: bytes) -> tuple[str, web.AppRunner]:
-    """A backend whose /health is fine and whose /v1/models answers `answer`."""
+async def test_load_of_other_gateways_steers_the_choice() -> None:
+    """vLLM's queue that is not ours (`others`, from its /metrics) counts like our own requests."""
+    ups, pool = make(["http://a:1", "http://b:1"])
+    a, b = pool.replicas
+    a.others = 10.0  # another gateway keeps 10 requests on a
+    picks = [pool.pick() for _ in range(10)]
+    assert picks == [b] * 10  # nothing of ours is outstanding: b is less loaded
+    b.outstanding = 10
+    assert {pool.pick() for _ in range(4)} == {a, b}  # 10 + 0 against 0 + 10: round-robin again
+    b.outstanding = 11
+    assert pool.pick() is a
+    await ups.close()
+
+
+VLLM_METRICS = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="Qwen3-Embedding-0.6B"} 3.0
+vllm:num_requests_running{engine="1",model_name="Qwen3-Embedding-0.6B"} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="Qwen3-Embedding-0.6B"} 4.0
+vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 99.0
+vllm:request_success_total{engine="0",finished_reason="stop"} 123.0
+"""
+
+
+@pytest.mark.parametrize(
+    "page,load",
+    [
+        (VLLM_METRICS, 9.0),  # summed over engines; other metrics sharing a prefix are not counted
+        (b"vllm:num_requests_running 2\nvllm:num_requests_waiting 1.5\n", 3.5),  # no labels
+        (b"# a backend without vLLM's gauges\nprocess_cpu_seconds_total 1.0\n", None),
+        # values no scheduler has are ignored, so a page cannot make a replica look idle or break the sum
+        (b"vllm:num_requests_running nan\nvllm:num_requests_waiting -5\nvllm:num_requests_running x\n", None),
+        (b"vllm:num_requests_running inf\nvllm:num_requests_waiting 1e9\nvllm:num_requests_running 1\n", 1.0),
+        (b"vllm:num_requests_running 1\n" + b"#" * (METRICS_MAX_BYTES + 1), None),  # too big: not read
+    ],
+)
+async def test_vllm_load_is_read_from_metrics(page: bytes, load: float | None) -> None:
+    url, runner = await serve_models(cards({"id": "m"}), metrics=page)
+    ups, pool = make([url])
+    try:
+        replica = pool.replicas[0]
+        replica.outstanding = 2  # ours, which vLLM counts too
+        start = time.monotonic()
+        await ups.check_all()
+        assert time.monotonic() - start < 1.0
+        assert replica.healthy and replica.load == load
+        assert replica.others == (max(0.0, load - 2) if load is not None else 0.0)
+    finally:
+        await ups.close()
+        await runner.cleanup()
+
+
+async def serve_models(answer: bytes, metrics: bytes | None = None) -> tuple[str, web.AppRunner]:
+    """A backend whose /health is fine and whose /v1/models answers `answer` (and /metrics `metrics`)."""
 
     async def models(request: web.Request) -> web.Response:
         return web.Response(body=answer, content_type="application/json")
 
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=metrics, content_type="text/plain")
+
     app = web.Application()
     app.router.add_get("/health", _ok)
     app.router.add_get("/v1/models", models)
+    if metrics is not None:
+        app.router.add_get("/metrics", page)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()

@@ -426,6 +426,8 @@ def test_split_batch_across_two_real_replicas(tier: Tier) -> None:
         assert max(abs(p - q) for p, q in zip(x["embedding"], y["embedding"], strict=True)) < 1e-5
     replicas = httpx.get(tier.gw_split.url + "/health").json()["models"][EMB_NAME]["replicas"]
     assert all(r["requests"] >= 1 for r in replicas), replicas  # both replicas served chunks
+    # each replica's queue, read from real vLLM's /metrics with the health check, steers replica choice
+    assert all(isinstance(r["load"], float) and r["load"] >= 0 for r in replicas), replicas
     # rerank split (2 docs per chunk) equals the unsplit answer
     s = tier.gw_split.post("/rerank", {"query": QUERY, "documents": DOCS, "top_n": 3}).json()
     w = tier.gw.post("/rerank", {"query": QUERY, "documents": DOCS, "top_n": 3}).json()
