@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import GatewayError
-from .keys import ApiKey, KeyStore
+from .keys import ApiKey, Keys
 from .observability import RequestInfo
 from .ratelimit import RateLimiter
 
@@ -26,7 +26,7 @@ class Admission:
 class Admitter:
     """Keys and limits for one configuration (a reload builds a new one with its limiter)."""
 
-    def __init__(self, keys: KeyStore, limiter: RateLimiter, on_tokens: Callable[[str, str, int], None]) -> None:
+    def __init__(self, keys: Keys, limiter: RateLimiter, on_tokens: Callable[[str, str, int], None]) -> None:
         self.keys = keys
         self.limiter = limiter
         self._on_tokens = on_tokens  # (model, key name, tokens) for metrics

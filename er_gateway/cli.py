@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 
 from . import keys as keystore
 from .settings import OPTIONS, SettingsError, add_arguments, load_settings
@@ -31,9 +32,10 @@ DESCRIPTION = """\
 Authenticated, rate-limited gateway for Qwen3 embedding and reranker models served by vLLM.
 Configuration precedence: flag > environment variable (ER_*) > config file (--config) > default.
 
-key management:
+key management (reads the same settings: --keys-file, --keys-store, --redis-url, ER_*, --config):
   %(prog)s keys create --name NAME [--rpm N] [--tpm N] [--models a,b] [--expires YYYY-MM-DD] [--admin]
   %(prog)s keys list | keys revoke NAME | keys rotate NAME
+  %(prog)s keys import [FILE] --keys-store redis --redis-url URL   (copy a keys file into Redis)
 """
 
 
@@ -52,8 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="keys file [env ER_KEYS_FILE; default: er_api_keys.json]",
     )
+    keys.add_argument(
+        "--keys-store",
+        dest="keys_store",
+        default=argparse.SUPPRESS,
+        help="file | redis [env ER_KEYS_STORE; default: file]",
+    )
+    keys.add_argument("--redis-url", dest="redis_url", default=argparse.SUPPRESS, help="[env ER_REDIS_URL]")
     keys.add_argument("--config", dest="config", default=argparse.SUPPRESS, help="config file")
-    ks = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke,rotate}")
+    ks = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke,rotate,import}")
     create = ks.add_parser("create", help="create a key; prints only the key")
     create.add_argument("--name", required=True)
     create.add_argument("--rpm", type=int, help="requests per minute (default: the gateway's --rate-limit)")
@@ -67,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     rotate = ks.add_parser("rotate", help="give a key a new secret; prints only the new key")
     rotate.add_argument("name")
+    imp = ks.add_parser("import", help="copy a keys file's keys into Redis (names already there are kept)")
+    imp.add_argument("file", nargs="?", help="keys file to read (default: --keys-file)")
     # For scripts/run.sh: which local vLLM servers these settings need started.
     sub.add_parser("local-models", help=argparse.SUPPRESS)
     return parser
@@ -117,16 +128,17 @@ def local_models(settings: Any) -> int:
 
 def keys_command(args: dict[str, Any]) -> int:
     try:
-        path = load_settings({k: args[k] for k in ("keys_file", "config") if k in args}).keys_file
+        settings = load_settings({k: args[k] for k in ("keys_file", "keys_store", "redis_url", "config") if k in args})
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    store = key_store(settings)
     cmd = args["keys_command"]
     try:
         if cmd == "create":
             rate = args.get("rate_limit") or (f"{args['rpm']}/minute" if args.get("rpm") else None)
             key = keystore.create_key(
-                path,
+                store,
                 args["name"],
                 rate_limit=rate,
                 token_limit=f"{args['tpm']}/minute" if args.get("tpm") else None,
@@ -136,7 +148,7 @@ def keys_command(args: dict[str, Any]) -> int:
             )
             print(key)
         elif cmd == "list":
-            rows = keystore.read_keys(path)
+            rows = store.read()
             print(
                 f"{'NAME':<20} {'KEY':<10} {'STATE':<8} {'RATE':<14} {'TOKENS':<14} {'MODELS':<30} "
                 f"{'EXPIRES':<12} CREATED"
@@ -150,17 +162,38 @@ def keys_command(args: dict[str, Any]) -> int:
                     f"{'  admin' if k.admin else ''}"
                 )
         elif cmd == "revoke":
-            keystore.revoke_key(path, args["name"])
+            keystore.revoke_key(store, args["name"])
             print(f"revoked {args['name']!r}", file=sys.stderr)
         elif cmd == "rotate":
-            print(keystore.rotate_key(path, args["name"]))
-    except FileNotFoundError:
-        print(f"error: keys file {path} does not exist", file=sys.stderr)
+            print(keystore.rotate_key(store, args["name"]))
+        elif cmd == "import":
+            if settings.keys_store != "redis":
+                print("error: `keys import` copies a keys file into Redis: give --keys-store redis", file=sys.stderr)
+                return 2
+            source = args.get("file") or settings.keys_file
+            added, skipped = keystore.import_keys(store, keystore.read_keys(source))
+            print(f"imported {len(added)} key(s) from {source} into {store}", file=sys.stderr)
+            if skipped:
+                print(f"kept {len(skipped)} already there: {', '.join(skipped)}", file=sys.stderr)
+    except FileNotFoundError as e:
+        print(f"error: keys file {e.filename or settings.keys_file} does not exist", file=sys.stderr)
         return 1
     except (keystore.KeysFileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RedisError as e:
+        print(f"error: Redis at {settings.redis_url} failed: {e}", file=sys.stderr)
+        return 1
     return 0
+
+
+def key_store(settings: Any) -> keystore.Store:
+    """Where keys live for these settings: the keys file, or Redis (`--keys-store redis`)."""
+    if settings.keys_store == "redis":
+        from .keys_redis import RedisStore
+
+        return RedisStore(settings.redis_url)
+    return keystore.FileStore(settings.keys_file)
 
 
 def serve(settings: Any, cli: dict[str, Any]) -> int:
@@ -169,13 +202,18 @@ def serve(settings: Any, cli: dict[str, Any]) -> int:
     from . import frontdoor
     from .app import SETTINGS_ENV, create_app
 
+    store = key_store(settings)
     try:
-        created = keystore.ensure_keys_file(settings.keys_file)
+        created = store.ensure_default()
     except keystore.KeysFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RedisError as e:  # the gateway starts anyway, and reads the keys once Redis answers
+        print(f"warning: Redis at {settings.redis_url} failed ({e}); keys are read once it answers", file=sys.stderr)
+        created = None
     if created:
-        print(BANNER.format(path=os.path.abspath(settings.keys_file), key=created, port=settings.port), flush=True)
+        where = str(store) if settings.keys_store == "redis" else os.path.abspath(settings.keys_file)
+        print(BANNER.format(path=where, key=created, port=settings.port), flush=True)
 
     # Front door (er_gateway/frontdoor.py): header timeout, head size cap, connection cap (per process),
     # lingering close after an early answer. configure() raises RLIMIT_NOFILE (workers inherit it) and

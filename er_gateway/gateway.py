@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from limits.errors import ConfigurationError
+from redis.exceptions import RedisError
 
 from .admission import Admitter
 from .cache import ResultCache
@@ -23,7 +24,8 @@ from .concurrency import FairGate
 from .dispatch import Dispatcher
 from .drain import Drain
 from .errors import GatewayError
-from .keys import KeysFileError, KeyStore
+from .keys import Keys, KeysFileError, KeyStore
+from .keys_redis import RedisKeys
 from .manage import ModelManager
 from .observability import Metrics, Recent
 from .protocol import ReloadModelRequest
@@ -59,7 +61,7 @@ class Runtime:
 # Settings a reload cannot change: the process was built with them (server socket, workers,
 # concurrency gate, keys file, front door, logs). A reload that changes one says so.
 RESTART_ONLY = (
-    "host", "port", "workers", "max_concurrency", "max_concurrency_per_key", "queue_timeout", "keys_file",
+    "host", "port", "workers", "max_concurrency", "max_concurrency_per_key", "queue_timeout", "keys_file", "keys_store",
     "header_timeout", "max_header_bytes", "keepalive_timeout", "max_connections", "ssl_certfile", "ssl_keyfile",
     "log_dir", "log_level", "log_format", "log_max_bytes", "log_backups", "access_log", "cache_size", "cache_ttl",
     "cache_scope", "drain_delay", "drain_timeout",
@@ -69,7 +71,11 @@ RESTART_ONLY = (
 class Gateway:
     def __init__(self, settings: Settings, cli_overrides: dict[str, Any] | None = None) -> None:
         self.cli_overrides = cli_overrides or {}
-        self.keys = KeyStore(settings.keys_file)
+        self.keys: Keys = (
+            RedisKeys(settings.redis_url, settings.redis_timeout)
+            if settings.keys_store == "redis" and settings.redis_url
+            else KeyStore(settings.keys_file)
+        )
         self.metrics = Metrics()
         self.recent = Recent()
         self.drain = Drain(settings.drain_delay)
@@ -140,7 +146,11 @@ class Gateway:
         if self.cache is not None:
             await self.sync_cache()
             self._spawn(self._sync_cache_forever())
-        self._spawn(self._watch_keys())
+        if isinstance(self.keys, RedisKeys):
+            await self._refresh_keys()
+            self._spawn(self.keys.follow())
+        else:
+            self._spawn(self._watch_keys())
         if self.metrics.multiprocess:
             # /metrics sums every worker's files, but only the answering worker refreshes its
             # gauges on a scrape; the others keep theirs at most a second old.
@@ -157,14 +167,26 @@ class Gateway:
             await rt.close()
         if self.cache is not None:
             await self.cache.close()
+        if isinstance(self.keys, RedisKeys):
+            await self.keys.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _refresh_keys(self) -> None:
+        assert isinstance(self.keys, RedisKeys)
+        try:
+            n = await self.keys.refresh()
+            log.info("API keys: %d read from Redis", n)
+        except (RedisError, OSError, KeysFileError) as e:
+            # Not fatal: follow() keeps trying; meanwhile a request with a key gets 503, not 401.
+            log.error("API keys not read from Redis (%s); %d keys in use", e, len(self.keys._by_hash))
+
     async def _watch_keys(self) -> None:
         # Polling a stat() once a second is cheap and works on every filesystem.
+        assert isinstance(self.keys, KeyStore)
         while True:
             await asyncio.sleep(1.0)
             if self.keys.changed():
@@ -232,6 +254,10 @@ class Gateway:
             self._retired.remove(rt)
 
     def reload_keys(self) -> bool:
+        if isinstance(self.keys, RedisKeys):
+            self._spawn(self._refresh_keys())
+            return True
+        assert isinstance(self.keys, KeyStore)
         try:
             n = self.keys.reload()
         except (KeysFileError, FileNotFoundError, OSError) as e:
@@ -249,9 +275,12 @@ class Gateway:
             new = load_settings(self.cli_overrides)
             tokenizers = load_tokenizers(new.models)
             rt = self._build(new, tokenizers, old)
-            self.keys.reload()  # last: a reload that fails changes nothing
+            if isinstance(self.keys, KeyStore):
+                self.keys.reload()  # last: a reload that fails changes nothing
         except (SettingsError, KeysFileError, FileNotFoundError, TokenizerError, ValueError, ConfigurationError) as e:
             raise GatewayError(400, f"reload failed, old configuration kept: {e}") from None
+        if isinstance(self.keys, RedisKeys):
+            await self._refresh_keys()
         await rt.upstreams.start(first_check=False)
         self.runtime = rt
         old.retired = True

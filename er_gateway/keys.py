@@ -16,10 +16,10 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from limits import parse as parse_limit
@@ -181,47 +181,105 @@ def new_record(
     )
 
 
-def create_key(path: str | os.PathLike[str], name: str, **options: Any) -> str:
+class FileStore:
+    """The keys file as the `keys` commands change it (a lock serialises read-modify-write)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def read(self) -> list[ApiKey]:
+        return read_keys(self.path)
+
+    def update(self, change: Callable[[list[ApiKey]], list[ApiKey]]) -> None:
+        with locked(self.path):
+            write_keys(self.path, change(_read_or_empty(self.path)))
+
+    def ensure_default(self) -> str | None:
+        """On first start create the file with one admin key and return that key; else None."""
+        with locked(self.path):
+            if self.path.exists():
+                read_keys(self.path)  # refuse to start on a corrupt file, never overwrite it
+                return None
+            key = generate_key()
+            write_keys(self.path, [new_record("default", key, admin=True)])
+            return key
+
+
+class Store(Protocol):
+    """Where the `keys` commands keep keys: the file (FileStore) or Redis (keys_redis.RedisStore)."""
+
+    def read(self) -> list[ApiKey]: ...
+
+    def update(self, change: Callable[[list[ApiKey]], list[ApiKey]]) -> None:
+        """Replace the keys with `change(keys)` atomically (`change` may raise to change nothing)."""
+        ...
+
+    def ensure_default(self) -> str | None: ...
+
+
+def _store(where: Store | str | os.PathLike[str]) -> Store:
+    return FileStore(where) if isinstance(where, (str, os.PathLike)) else where
+
+
+def create_key(where: Store | str | os.PathLike[str], name: str, **options: Any) -> str:
     """Add a key named `name`; return the key (the only time it exists in clear)."""
-    with locked(path):
-        keys = _read_or_empty(path)
+    key = generate_key()
+
+    def change(keys: list[ApiKey]) -> list[ApiKey]:
         if any(k.name == name for k in keys):
             raise ValueError(f"a key named {name!r} already exists (use `keys rotate {name}`)")
-        key = generate_key()
-        write_keys(path, [*keys, new_record(name, key, **options)])
+        return [*keys, new_record(name, key, **options)]
+
+    _store(where).update(change)
     return key
 
 
-def revoke_key(path: str | os.PathLike[str], name: str) -> None:
-    with locked(path):
-        keys = read_keys(path)
+def revoke_key(where: Store | str | os.PathLike[str], name: str) -> None:
+    def change(keys: list[ApiKey]) -> list[ApiKey]:
         _find(keys, name)
-        write_keys(path, [replace(k, revoked=True) if k.name == name else k for k in keys])
+        return [replace(k, revoked=True) if k.name == name else k for k in keys]
+
+    _store(where).update(change)
 
 
-def rotate_key(path: str | os.PathLike[str], name: str) -> str:
+def rotate_key(where: Store | str | os.PathLike[str], name: str) -> str:
     """Replace the key of `name` (same limits), un-revoking it; return the new key."""
-    with locked(path):
-        keys = read_keys(path)
+    key = generate_key()
+
+    def change(keys: list[ApiKey]) -> list[ApiKey]:
         _find(keys, name)
-        key = generate_key()
-        updated = [
+        return [
             replace(k, hash=hash_key(key), hint=key[: len(KEY_PREFIX) + 4], revoked=False) if k.name == name else k
             for k in keys
         ]
-        write_keys(path, updated)
+
+    _store(where).update(change)
     return key
 
 
+def import_keys(target: Store, records: list[ApiKey]) -> tuple[list[str], list[str]]:
+    """Add `records` (hashes as they are) to `target`; names already there are skipped.
+    Returns (added, skipped) names."""
+    added: list[str] = []
+    skipped: list[str] = []
+
+    def change(keys: list[ApiKey]) -> list[ApiKey]:
+        added.clear()
+        skipped.clear()
+        have = {k.name for k in keys}
+        for r in records:
+            (skipped if r.name in have else added).append(r.name)
+        return [*keys, *(r for r in records if r.name not in have)]
+
+    target.update(change)
+    return added, skipped
+
+
 def ensure_keys_file(path: str | os.PathLike[str]) -> str | None:
-    """On first start create the file with one admin key and return that key; else None."""
-    with locked(path):
-        if Path(path).exists():
-            read_keys(path)  # refuse to start on a corrupt file, never overwrite it
-            return None
-        key = generate_key()
-        write_keys(path, [new_record("default", key, admin=True)])
-        return key
+    return FileStore(path).ensure_default()
 
 
 def _read_or_empty(path: str | os.PathLike[str]) -> list[ApiKey]:
@@ -238,12 +296,46 @@ def _find(keys: list[ApiKey], name: str) -> ApiKey:
     raise ValueError(f"no key named {name!r}")
 
 
-class KeyStore:
-    """The keys a running gateway accepts, swapped whole when the file changes."""
+class Keys:
+    """The keys a running gateway accepts: one dict, swapped whole when the store changes.
+    `loaded` is False until the store was read once (Redis unreachable at start)."""
+
+    loaded = True
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, ApiKey] = {}
+
+    def use(self, keys: list[ApiKey]) -> None:
+        self._by_hash = {k.hash: k for k in keys}
+        self.loaded = True
+
+    def authenticate(self, key: str | None) -> ApiKey:
+        if not key:
+            raise GatewayError(
+                401,
+                "missing API key: send 'Authorization: Bearer KEY' or '?api_key=KEY'",
+                type="authentication_error",
+            )
+        record = self._by_hash.get(hash_key(key))
+        if record is None:
+            if not self.loaded:
+                raise GatewayError(
+                    503, "API keys are not loaded yet (the key store is unreachable)", headers={"Retry-After": "1"}
+                )
+            raise GatewayError(401, "invalid API key", type="authentication_error")
+        if record.revoked:
+            raise GatewayError(401, f"API key {record.name!r} has been revoked", type="authentication_error")
+        if record.expired(time.time()):
+            raise GatewayError(401, f"API key {record.name!r} expired on {record.expires}", type="authentication_error")
+        return record
+
+
+class KeyStore(Keys):
+    """The keys file a running gateway reads (`--keys-store file`), re-read when it changes."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
         self.path = Path(path)
-        self._by_hash: dict[str, ApiKey] = {}
         self._stamp: tuple[int, int, int] | None = None
         self.reload()
 
@@ -258,25 +350,9 @@ class KeyStore:
         """Re-read the file (raises KeysFileError/FileNotFoundError, keeping the old keys)."""
         stamp = self._file_stamp()
         keys = read_keys(self.path)
-        self._by_hash = {k.hash: k for k in keys}
+        self.use(keys)
         self._stamp = stamp
         return len(keys)
 
     def changed(self) -> bool:
         return self._file_stamp() != self._stamp
-
-    def authenticate(self, key: str | None) -> ApiKey:
-        if not key:
-            raise GatewayError(
-                401,
-                "missing API key: send 'Authorization: Bearer KEY' or '?api_key=KEY'",
-                type="authentication_error",
-            )
-        record = self._by_hash.get(hash_key(key))
-        if record is None:
-            raise GatewayError(401, "invalid API key", type="authentication_error")
-        if record.revoked:
-            raise GatewayError(401, f"API key {record.name!r} has been revoked", type="authentication_error")
-        if record.expired(time.time()):
-            raise GatewayError(401, f"API key {record.name!r} expired on {record.expires}", type="authentication_error")
-        return record

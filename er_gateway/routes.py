@@ -242,7 +242,8 @@ async def health_live(c: Call) -> Response:
 async def health_ready(c: Call) -> Response:
     _, body = health(c.rt.catalog)
     models = {name: m["ready"] for name, m in body["models"].items()}
-    state = "draining" if c.gw.drain.active else "ready" if any(models.values()) else "unready"
+    ready = any(models.values()) and c.gw.keys.loaded
+    state = "draining" if c.gw.drain.active else "ready" if ready else "unready"
     return json_response({"status": state, "models": models}, status=200 if state == "ready" else 503)
 
 

@@ -79,6 +79,7 @@ class Settings(BaseModel):
     default_instruction: str = DEFAULT_INSTRUCTION
     backend_api_key: str | None = None
     keys_file: str = "er_api_keys.json"
+    keys_store: Literal["file", "redis"] = "file"
     rate_limit: str = "100/minute"
     token_limit: str | None = None
     redis_url: str | None = None
@@ -189,6 +190,8 @@ class Settings(BaseModel):
                 "--manage-models needs --workers 1: a reload drains and restarts replicas from one "
                 "process, and other workers would keep sending to a server being restarted"
             )
+        if self.keys_store == "redis" and not self.redis_url:
+            raise ValueError("--keys-store redis needs --redis-url")
         if self.workers > 1 and not self.redis_url:
             raise ValueError(
                 "--workers > 1 needs --redis-url: each worker would keep its own in-memory "
@@ -283,6 +286,12 @@ OPTIONS: tuple[Option, ...] = (
         "KEY",
     ),
     Option("keys_file", "API keys file (hashed keys)", "PATH"),
+    Option(
+        "keys_store",
+        "file: keys in --keys-file (one host) | redis: keys in Redis (--redis-url), shared by every "
+        "gateway; `keys import` copies the file there",
+        "STORE",
+    ),
     Option("rate_limit", "default per-key request limit, e.g. 100/minute", "SPEC"),
     Option("token_limit", "default per-key token budget, e.g. 100000/minute (off when unset)", "SPEC"),
     Option("redis_url", "Redis URL for limits shared by all workers and hosts (redis://host:port/db)", "URL"),

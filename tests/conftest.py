@@ -268,11 +268,11 @@ class Redis(Proc):
     port: int = 0
 
 
-def start_redis(tmp: Path) -> Redis:
+def start_redis(tmp: Path, port: int | None = None) -> Redis:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed; scripts/test.sh installs it")
-    port = free_port()
+    port = port or free_port()
     p = spawn(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
         tmp / f"redis-{port}.log",
