@@ -241,9 +241,30 @@ def serve(settings: Any, cli: dict[str, Any]) -> int:
         env = {o.env: os.environ[o.env] for o in OPTIONS if o.env in os.environ}
         os.environ[SETTINGS_ENV] = orjson.dumps({"cli": cli, "env": env}).decode()
         os.environ[frontdoor.ENV] = orjson.dumps(door()).decode()
-        uvicorn.run("er_gateway.app:create_app_from_env", factory=True, workers=settings.workers, **common)
+        run_workers(
+            uvicorn.Config("er_gateway.app:create_app_from_env", factory=True, workers=settings.workers, **common)
+        )
     else:
         app = create_app(settings, cli)
         door()
         uvicorn.run(app, **common)
     return 0
+
+
+def run_workers(config: Any) -> None:
+    """uvicorn's multi-process supervisor, but SIGHUP goes to one worker, which reloads and
+    broadcasts the reload to the other workers and gateways (reloads.py). uvicorn's own SIGHUP
+    would restart every worker, dropping their caches and draining each in turn."""
+    import signal
+
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def handle_hup(self) -> None:
+            for p in self.processes:
+                if p.pid is not None and p.is_alive(timeout=1):
+                    os.kill(p.pid, signal.SIGHUP)
+                    return
+
+    sock = config.bind_socket()
+    Supervisor(config, sockets=[sock]).run()

@@ -30,6 +30,7 @@ from .manage import ModelManager
 from .observability import Metrics, Recent
 from .protocol import ReloadModelRequest
 from .ratelimit import RateLimiter
+from .reloads import ReloadBus
 from .settings import Settings, SettingsError, load_settings
 from .status import refresh_gauges, snapshot
 from .tokens import TokenizerError, load_tokenizers
@@ -101,6 +102,8 @@ class Gateway:
         self.manager = ModelManager(lambda: (self.runtime.settings, self.runtime.upstreams))
         self._tasks: set[asyncio.Task[None]] = set()
         self._retired: list[Runtime] = []  # replaced by a reload, not closed yet
+        # With Redis, a reload reaches every worker and gateway sharing it (reloads.py).
+        self.bus = ReloadBus(settings.redis_url, self.reload) if settings.redis_url else None
 
     @property
     def settings(self) -> Settings:
@@ -155,9 +158,11 @@ class Gateway:
             # /metrics sums every worker's files, but only the answering worker refreshes its
             # gauges on a scrape; the others keep theirs at most a second old.
             self._spawn(self._refresh_gauges_forever())
-        # `kill -HUP <pid>`: re-read the keys file now (the watcher would within a second anyway).
+        if self.bus is not None:
+            self._spawn(self.bus.follow())
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        # `kill -HUP <pid>`: what /reload_model does (config and keys, every process).
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self.drain.install(loop)
 
     async def stop(self) -> None:
@@ -169,6 +174,8 @@ class Gateway:
             await self.cache.close()
         if isinstance(self.keys, RedisKeys):
             await self.keys.close()
+        if self.bus is not None:
+            await self.bus.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -254,9 +261,7 @@ class Gateway:
             self._retired.remove(rt)
 
     def reload_keys(self) -> bool:
-        if isinstance(self.keys, RedisKeys):
-            self._spawn(self._refresh_keys())
-            return True
+        """Re-read the keys file (its watcher calls this when the file changed)."""
         assert isinstance(self.keys, KeyStore)
         try:
             n = self.keys.reload()
@@ -265,6 +270,29 @@ class Gateway:
             return False
         log.info("reloaded %d API keys from %s", n, self.keys.path)
         return True
+
+    async def reload_everywhere(self) -> dict[str, Any]:
+        """Reload here (a 400 changes nothing anywhere), then in every other process (reloads.py)."""
+        answer = await self.reload()
+        if self.bus is not None:
+            answer["processes"] = await self.bus.broadcast()
+        else:
+            answer["processes"] = {"processes": 1, "acknowledged": 1, "failed": []}
+        return answer
+
+    def _sighup(self) -> None:
+        if isinstance(self.keys, KeyStore):
+            self.reload_keys()  # at once, as before the full reload: a new key works right away
+        self._spawn(self._reload_on_signal())
+
+    async def _reload_on_signal(self) -> None:
+        try:
+            answer = await self.reload_everywhere()
+        except GatewayError as e:
+            log.error("SIGHUP: %s", e.message)
+            return
+        p = answer["processes"]
+        log.info("SIGHUP: reloaded; %d of %d process(es) acknowledged", p["acknowledged"], p["processes"])
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file and keys; build a new Runtime and swap it in."""

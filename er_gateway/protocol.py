@@ -308,7 +308,18 @@ class Probe(BaseModel):
     models: dict[str, bool] | None = None  # /health/ready: whether each model can serve
 
 
+class ReloadReach(BaseModel):
+    """How many gateway processes the reload reached (this one included): every worker and every
+    gateway sharing the Redis of --redis-url; without it, this process alone."""
+
+    processes: int
+    acknowledged: int
+    failed: list[dict[str, Any]] = Field(default_factory=list)  # {"process": host:pid, "error": ...}
+    silent: int | None = None  # got the message but did not answer within 10 s
+
+
 class ReloadAnswer(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     status: Literal["reloaded"]
+    processes: ReloadReach | None = None  # a config reload; a model restart has `served_as` instead

@@ -221,7 +221,7 @@ async def reload_model(c: Call) -> Response:
     c.rt.admission.require_admin(adm.key)
     data, _ = await read_json(c.request, c.rt.settings, empty={})
     if data == {}:
-        return json_response({"status": "reloaded", **await c.gw.reload()}, headers=adm.headers)
+        return json_response({"status": "reloaded", **await c.gw.reload_everywhere()}, headers=adm.headers)
     req = validate(p.ReloadModelRequest, data)
     return json_response(await c.gw.restart_models(req), headers=adm.headers)
 
