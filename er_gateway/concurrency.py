@@ -10,8 +10,14 @@ request by more than one freed slot, however many requests the backlog holds.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import random
 import time
 from collections import deque
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from .errors import GatewayError
 
@@ -107,3 +113,93 @@ class FairGate:
             pass
         if not queue:
             del self._queues[key]
+
+
+# A lease is a member of one sorted set scored by its expiry (Redis's clock, ms). Taking one
+# first drops the expired (leases of a gateway that died), then adds ours if fewer than the cap.
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  return 1
+end
+return 0
+"""
+_RENEW = """
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[i]) end
+return #ARGV - 1
+"""
+
+
+class GlobalSlots:
+    """`--global-max-concurrency`: at most `limit` upstream requests at once across every gateway
+    sharing a Redis, on top of each process's FairGate. A slot is a lease that this process
+    renews every `ttl`/3 seconds, so the slots of a gateway that dies free themselves within
+    `ttl` seconds. When none is free a request retries with backoff until --queue-timeout.
+    If Redis fails, `fail_open` lets requests through (the process's own cap still holds)."""
+
+    KEY = "er:global-slots"
+
+    def __init__(self, url: str, limit: int, ttl: float, timeout: float, queue_timeout: float, fail_open: bool) -> None:
+        self.limit = limit
+        self.ttl_ms = int(ttl * 1000)
+        self.renew_every = ttl / 3
+        self.queue_timeout = queue_timeout
+        self.fail_open = fail_open
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._take = self.redis.register_script(_TAKE)
+        self._renew = self.redis.register_script(_RENEW)
+        self.prefix = f"{os.getpid()}-{os.urandom(4).hex()}-"
+        self._ids = itertools.count()
+        self.held: set[str] = set()
+
+    async def acquire(self) -> str | None:
+        """A lease id (None: Redis failed and the failure mode is open). 503 when none in time."""
+        lease = self.prefix + str(next(self._ids))
+        deadline = time.monotonic() + self.queue_timeout
+        pause = 0.002
+        while True:
+            try:
+                if await self._take(keys=[self.KEY], args=[self.limit, self.ttl_ms, lease]):
+                    self.held.add(lease)
+                    return lease
+            except (RedisError, OSError) as e:
+                if self.fail_open:
+                    return None
+                raise GatewayError(
+                    503, f"gateway busy: the global concurrency cap's Redis failed ({type(e).__name__})"
+                ) from None
+            if time.monotonic() + pause > deadline:
+                raise GatewayError(
+                    503,
+                    f"gateway busy: no upstream slot freed within {self.queue_timeout:g} s across gateways "
+                    f"(--global-max-concurrency {self.limit}, --queue-timeout)",
+                    headers={"Retry-After": "1"},
+                )
+            await asyncio.sleep(pause * (0.5 + random.random()))  # jitter: gateways do not retry in step
+            pause = min(pause * 2, 0.05)
+
+    async def release(self, lease: str | None) -> None:
+        if lease is None:
+            return
+        self.held.discard(lease)
+        try:
+            await self.redis.zrem(self.KEY, lease)
+        except (RedisError, OSError):
+            pass  # the lease expires by itself within ttl
+
+    async def renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.renew_every)
+            if self.held:
+                try:
+                    await self._renew(keys=[self.KEY], args=[self.ttl_ms, *self.held])
+                except (RedisError, OSError):
+                    pass  # the next renewal tries again; meanwhile leases may expire early
+
+    async def close(self) -> None:
+        await self.redis.aclose()

@@ -19,7 +19,7 @@ import orjson
 
 from .admission import Admission
 from .coalesce import Coalescer, Group, Member
-from .concurrency import FairGate
+from .concurrency import FairGate, GlobalSlots
 from .errors import GatewayError
 from .observability import Metrics, RequestInfo
 from .settings import Settings
@@ -30,8 +30,15 @@ _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 
 
 class Dispatcher:
-    def __init__(self, gate: FairGate, metrics: Metrics, coalesce: Settings | None = None) -> None:
+    def __init__(
+        self,
+        gate: FairGate,
+        metrics: Metrics,
+        coalesce: Settings | None = None,
+        slots: GlobalSlots | None = None,
+    ) -> None:
         self.gate = gate
+        self.slots = slots  # --global-max-concurrency: a lease in Redis besides the process's slot
         self.metrics = metrics
         # None: every request goes alone (--no-coalesce)
         self.coalescer = (
@@ -48,11 +55,11 @@ class Dispatcher:
         charged, whatever becomes of the request afterwards.
         """
         key = adm.info.key_name or ""
-        await self._acquire(key, adm.info)
+        lease = await self._acquire(key, adm.info)
         try:
             return await self.answered(pool, path, body, adm)
         finally:
-            self.gate.release(key)
+            await self._release(key, lease)
 
     async def answered(self, pool: Pool, path: str, body: bytes, adm: Admission) -> UpstreamResult:
         """`send` for a request that holds its slot already (coalesce.py sends a member alone)."""
@@ -65,20 +72,36 @@ class Dispatcher:
         its own concurrency slot; its tokens are added to its own `done_tokens`."""
         assert self.coalescer is not None
         key = member.adm.info.key_name or ""
-        await self._acquire(key, member.adm.info)
+        lease = await self._acquire(key, member.adm.info)
         try:
             return await self.coalescer.submit(group, member)
         finally:
-            self.gate.release(key)
+            await self._release(key, lease)
 
-    async def _acquire(self, key: str, info: RequestInfo) -> None:
+    async def _acquire(self, key: str, info: RequestInfo) -> str | None:
+        """The process's slot for `key`, then (with --global-max-concurrency) a global lease."""
         info.queued(1)
+        start = perf_counter()
         try:
             waited = await self.gate.acquire(key)
+            lease = None
+            if self.slots is not None:
+                try:
+                    lease = await self.slots.acquire()
+                except BaseException:
+                    self.gate.release(key)
+                    raise
+                waited = perf_counter() - start
         finally:
             info.queued(-1)
         if waited:
             self.metrics.queue_wait.observe(waited)
+        return lease
+
+    async def _release(self, key: str, lease: str | None) -> None:
+        self.gate.release(key)
+        if self.slots is not None:
+            await self.slots.release(lease)
 
     async def call(
         self, pool: Pool, path: str, body: bytes, infos: Sequence[RequestInfo], request_id: str

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from .admission import Admitter
 from .cache import ResultCache
 from .catalog import Catalog
-from .concurrency import FairGate
+from .concurrency import FairGate, GlobalSlots
 from .dispatch import Dispatcher
 from .drain import Drain
 from .errors import GatewayError
@@ -63,6 +63,7 @@ class Runtime:
 # concurrency gate, keys file, front door, logs). A reload that changes one says so.
 RESTART_ONLY = (
     "host", "port", "workers", "max_concurrency", "max_concurrency_per_key", "queue_timeout", "keys_file", "keys_store",
+    "global_max_concurrency", "global_lease_ttl",
     "header_timeout", "max_header_bytes", "keepalive_timeout", "max_connections", "ssl_certfile", "ssl_keyfile",
     "log_dir", "log_level", "log_format", "log_max_bytes", "log_backups", "access_log", "cache_size", "cache_ttl",
     "cache_scope", "drain_delay", "drain_timeout",
@@ -84,6 +85,18 @@ class Gateway:
         per_worker = max(1, -(-settings.max_concurrency // settings.workers))
         per_key = max(1, -(-settings.per_key_concurrency // settings.workers))
         self.gate = FairGate(per_worker, per_key, settings.queue_timeout)
+        self.slots = (
+            GlobalSlots(
+                settings.redis_url,
+                settings.global_max_concurrency,
+                settings.global_lease_ttl,
+                settings.redis_timeout,
+                settings.queue_timeout,
+                fail_open=settings.redis_failure_mode == "open",
+            )
+            if settings.global_max_concurrency and settings.redis_url
+            else None
+        )
         self.replicas: dict[str, Replica] = {}  # every backend URL's state, across reloads
         self.cache = (
             ResultCache(
@@ -139,7 +152,7 @@ class Gateway:
             upstreams=upstreams,
             catalog=Catalog(settings, upstreams, tokenizers),
             admission=Admitter(self.keys, limiter, lambda model, key, n: m.child(m.tokens, model, key).inc(n)),
-            dispatch=Dispatcher(self.gate, m, settings),
+            dispatch=Dispatcher(self.gate, m, settings, self.slots),
             cache=self.cache,
         )
 
@@ -160,6 +173,8 @@ class Gateway:
             self._spawn(self._refresh_gauges_forever())
         if self.bus is not None:
             self._spawn(self.bus.follow())
+        if self.slots is not None:
+            self._spawn(self.slots.renew_forever())
         loop = asyncio.get_running_loop()
         # `kill -HUP <pid>`: what /reload_model does (config and keys, every process).
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
@@ -176,6 +191,8 @@ class Gateway:
             await self.keys.close()
         if self.bus is not None:
             await self.bus.close()
+        if self.slots is not None:
+            await self.slots.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -90,6 +90,8 @@ class Settings(BaseModel):
     # None: half of max_concurrency (at least 1), so one key never holds every slot.
     max_concurrency_per_key: int | None = Field(None, ge=1)
     queue_timeout: float = Field(30.0, ge=0)
+    global_max_concurrency: int | None = Field(None, ge=1)
+    global_lease_ttl: float = Field(10.0, ge=1)
     timeout: float = Field(600.0, gt=0)
     connect_timeout: float = Field(5.0, gt=0)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
@@ -190,6 +192,8 @@ class Settings(BaseModel):
                 "--manage-models needs --workers 1: a reload drains and restarts replicas from one "
                 "process, and other workers would keep sending to a server being restarted"
             )
+        if self.global_max_concurrency is not None and not self.redis_url:
+            raise ValueError("--global-max-concurrency needs --redis-url: the gateways share its slots there")
         if self.keys_store == "redis" and not self.redis_url:
             raise ValueError("--keys-store redis needs --redis-url")
         if self.workers > 1 and not self.redis_url:
@@ -310,6 +314,13 @@ OPTIONS: tuple[Option, ...] = (
         "N",
     ),
     Option("queue_timeout", "seconds a request may wait for a concurrency slot before 503", "S"),
+    Option(
+        "global_max_concurrency",
+        "max upstream requests at once across every gateway sharing --redis-url (on top of "
+        "--max-concurrency; off when unset)",
+        "N",
+    ),
+    Option("global_lease_ttl", "seconds the global slots of a gateway that died stay taken", "S"),
     Option("timeout", "total upstream timeout in seconds (504 after)", "S"),
     Option("connect_timeout", "upstream connect timeout in seconds", "S"),
     Option("max_body_bytes", "largest request body accepted (413 above)", "N"),

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
+import aiohttp
+import httpx
 import pytest
+from conftest import Backend, GatewayProc, Redis, start_backend, start_gateway, start_redis, wait_until
 
 from er_gateway.concurrency import FairGate
 from er_gateway.errors import GatewayError
@@ -140,3 +148,111 @@ async def test_timeouts_racing_releases_keep_every_slot() -> None:
             pass
         await asyncio.sleep(0.01)
         assert gate.in_flight == 0 and not gate._held, (gate.in_flight, gate._held)
+
+
+# ---- --global-max-concurrency: leases in a real Redis, shared by real gateway processes ----------
+
+
+def _gateways(tmp_path: Path, redis_url: str, n: int, *extra: str) -> tuple[Backend, list[GatewayProc]]:
+    emb = start_backend(tmp_path, "embedding")
+    keys = tmp_path / "er_api_keys.json"
+    args = ("--embedding-url", emb.url, "--reranker-url", "none", "--redis-url", redis_url, *extra)
+    gws = [start_gateway(tmp_path / f"g{i}", *args, keys_file=keys) for i in range(n)]
+    for g in gws[1:]:
+        g.key = gws[0].key
+    return emb, gws
+
+
+def _post_all(jobs: list[tuple[GatewayProc, str]]) -> list[tuple[int, float]]:
+    """POST every (gateway, text) at once; (status, seconds) of each."""
+
+    async def one(s: aiohttp.ClientSession, g: GatewayProc, text: str) -> tuple[int, float]:
+        start = time.monotonic()
+        async with s.post(g.url + "/v1/embeddings", json={"input": text}, headers=g.auth) as r:
+            await r.read()
+            return r.status, time.monotonic() - start
+
+    async def run() -> list[tuple[int, float]]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            return await asyncio.gather(*(one(s, g, t) for g, t in jobs))
+
+    return asyncio.run(run())
+
+
+def test_global_cap_holds_across_gateways(tmp_path: Path) -> None:
+    redis = start_redis(tmp_path)
+    emb, gws = _gateways(tmp_path, redis.url, 2, "--global-max-concurrency", "3")
+    try:
+        emb.admin(delay=0.4)
+        start = time.monotonic()
+        results = _post_all([(gws[i % 2], f"t{i}") for i in range(12)])
+        took = time.monotonic() - start
+        assert [s for s, _ in results] == [200] * 12
+        assert emb.stats()["max_concurrent"] == 3  # never more upstream, whichever gateway they came to
+        assert took >= 4 * 0.4  # 12 requests, 3 at a time
+        assert redis_client(redis).zcard("er:global-slots") == 0  # every lease given back
+    finally:
+        for g in gws:
+            g.stop()
+        emb.stop()
+        redis.stop()
+
+
+def test_a_dead_gateways_slots_free_themselves(tmp_path: Path) -> None:
+    """A gateway holding every slot is killed (SIGKILL: no chance to give them back). The other
+    gateway's request waits for the leases to expire (--global-lease-ttl 2), not forever; with a
+    shorter --queue-timeout it gets a 503 that names the setting."""
+    redis = start_redis(tmp_path)
+    cap = ("--global-max-concurrency", "2", "--global-lease-ttl", "2", "--queue-timeout", "5")
+    emb, (a, b) = _gateways(tmp_path, redis.url, 2, *cap)
+    try:
+        emb.admin(delay=30)
+        threads = [threading.Thread(target=_swallow, args=(a, f"hold{i}"), daemon=True) for i in range(2)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: emb.stats()["current"] == 2, 5, "two requests holding both slots")
+        a.stop(signal.SIGKILL)
+        emb.admin(delay=0)
+        start = time.monotonic()
+        r = b.post("/v1/embeddings", {"input": "after"})
+        waited = time.monotonic() - start
+        assert r.status_code == 200, r.text
+        assert 0.5 <= waited <= 3.5, waited  # the leases' 2 s, renewed at most 2/3 s before the kill
+    finally:
+        for g in (a, b):
+            g.stop()
+        emb.stop()
+        redis.stop()
+
+
+def test_no_global_slot_in_time_is_503(tmp_path: Path) -> None:
+    redis = start_redis(tmp_path)
+    emb, (a, b) = _gateways(tmp_path, redis.url, 2, "--global-max-concurrency", "1", "--queue-timeout", "0.5")
+    try:
+        emb.admin(delay=2)
+        t = threading.Thread(target=_swallow, args=(a, "hold"), daemon=True)
+        t.start()
+        wait_until(lambda: emb.stats()["current"] == 1, 5, "slot held")
+        start = time.monotonic()
+        r = b.post("/v1/embeddings", {"input": "late"})
+        assert r.status_code == 503 and "--global-max-concurrency 1" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "1"
+        assert 0.4 <= time.monotonic() - start <= 1.5
+    finally:
+        for g in (a, b):
+            g.stop()
+        emb.stop()
+        redis.stop()
+
+
+def _swallow(g: GatewayProc, text: str) -> None:
+    try:
+        g.post("/v1/embeddings", {"input": text})
+    except httpx.HTTPError:
+        pass
+
+
+def redis_client(r: Redis) -> Any:
+    import redis as redis_py
+
+    return redis_py.Redis.from_url(r.url)
