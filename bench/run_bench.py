@@ -297,6 +297,19 @@ def start_gateway(
     return p, f"http://127.0.0.1:{port}", key
 
 
+def redis_load(port: int) -> tuple[int, int, float]:
+    """What the Redis server has done so far: (EVALSHA calls, i.e. the rate limit's scripts;
+    commands run in all, those the scripts run included; CPU seconds)."""
+    import redis
+
+    r = redis.Redis(port=port)
+    stats = r.info("commandstats")
+    scripts = int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    total = sum(int(v["calls"]) for v in stats.values())
+    cpu = r.info("cpu")
+    return scripts, total, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+
+
 def stop(p: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(p.pid, signal.SIGTERM)
@@ -656,9 +669,22 @@ def main() -> None:
                     gw, gw_url, key = start_gateway(work, ports, "small", w, url)
                     try:
                         wrk(gw_url + "/v1/embeddings", body, key, 64, 2, work)
+                        before = redis_load(redis_port)
                         r = wrk(gw_url + "/v1/embeddings", body, key, 64, args.duration, work)
                         rps[name] = r["rps"]
-                        print(f"{name}: {r['rps']:.0f} rps, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms")
+                        load = ""
+                        if url:  # what the gateway asks of Redis, per 1,000 requests
+                            after = redis_load(redis_port)
+                            n = r["rps"] * args.duration / 1000
+                            r["redis_scripts_per_1000"] = (after[0] - before[0]) / n
+                            r["redis_commands_per_1000"] = (after[1] - before[1]) / n
+                            r["redis_cpu_s_per_1000"] = (after[2] - before[2]) / n
+                            load = (
+                                f"; Redis per 1,000 requests: {r['redis_scripts_per_1000']:.0f} EVALSHA, "
+                                f"{r['redis_commands_per_1000']:.0f} commands in all, "
+                                f"{r['redis_cpu_s_per_1000'] * 1000:.1f} ms of CPU"
+                            )
+                        print(f"{name}: {r['rps']:.0f} rps, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms{load}")
                         results.append({"scenario": name, "conns": 64, **r})
                     finally:
                         stop(gw)

@@ -183,9 +183,7 @@ class GlobalSlots:
             await asyncio.sleep(pause * (0.5 + random.random()))  # jitter: gateways do not retry in step
             pause = min(pause * 2, 0.05)
 
-    async def release(self, lease: str | None) -> None:
-        if lease is None:
-            return
+    async def release(self, lease: str) -> None:
         self.held.discard(lease)
         try:
             await self.redis.zrem(self.KEY, lease)

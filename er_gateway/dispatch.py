@@ -59,7 +59,9 @@ class Dispatcher:
         try:
             return await self.answered(pool, path, body, adm)
         finally:
-            await self._release(key, lease)
+            self.gate.release(key)
+            if lease is not None:
+                await self._give_back(lease)
 
     async def answered(self, pool: Pool, path: str, body: bytes, adm: Admission) -> UpstreamResult:
         """`send` for a request that holds its slot already (coalesce.py sends a member alone)."""
@@ -76,32 +78,34 @@ class Dispatcher:
         try:
             return await self.coalescer.submit(group, member)
         finally:
-            await self._release(key, lease)
+            self.gate.release(key)
+            if lease is not None:
+                await self._give_back(lease)
 
     async def _acquire(self, key: str, info: RequestInfo) -> str | None:
-        """The process's slot for `key`, then (with --global-max-concurrency) a global lease."""
+        """The process's slot for `key`, then (with --global-max-concurrency) a global lease,
+        returned for `_give_back` (None without the cap, or when Redis failed open)."""
         info.queued(1)
-        start = perf_counter()
+        lease = None
         try:
             waited = await self.gate.acquire(key)
-            lease = None
             if self.slots is not None:
+                start = perf_counter()
                 try:
                     lease = await self.slots.acquire()
                 except BaseException:
                     self.gate.release(key)
                     raise
-                waited = perf_counter() - start
+                waited += perf_counter() - start
         finally:
             info.queued(-1)
         if waited:
             self.metrics.queue_wait.observe(waited)
         return lease
 
-    async def _release(self, key: str, lease: str | None) -> None:
-        self.gate.release(key)
-        if self.slots is not None:
-            await self.slots.release(lease)
+    async def _give_back(self, lease: str) -> None:
+        assert self.slots is not None
+        await self.slots.release(lease)
 
     async def call(
         self, pool: Pool, path: str, body: bytes, infos: Sequence[RequestInfo], request_id: str
