@@ -156,11 +156,13 @@ class GlobalSlots:
         self.prefix = f"{os.getpid()}-{os.urandom(4).hex()}-"
         self._ids = itertools.count()
         self.held: set[str] = set()
+        self._pending: set[asyncio.Future[None]] = set()
 
-    async def acquire(self) -> str | None:
-        """A lease id (None: Redis failed and the failure mode is open). 503 when none in time."""
+    async def acquire(self, waited: float = 0.0) -> str | None:
+        """A lease id (None: Redis failed and the failure mode is open). 503 when none is free
+        within what is left of --queue-timeout after `waited` (the time the process's gate took)."""
         lease = self.prefix + str(next(self._ids))
-        deadline = time.monotonic() + self.queue_timeout
+        deadline = time.monotonic() + self.queue_timeout - waited
         pause = 0.002
         while True:
             try:
@@ -168,6 +170,11 @@ class GlobalSlots:
                     self.held.add(lease)
                     return lease
             except (RedisError, OSError) as e:
+                # The script may have run and only its answer been lost: take the lease back (in the
+                # background, bounded by the socket timeout) rather than hold a slot for `ttl`.
+                task = asyncio.ensure_future(self._forget(lease))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
                 if self.fail_open:
                     return None
                 raise GatewayError(
@@ -182,6 +189,12 @@ class GlobalSlots:
                 )
             await asyncio.sleep(pause * (0.5 + random.random()))  # jitter: gateways do not retry in step
             pause = min(pause * 2, 0.05)
+
+    async def _forget(self, lease: str) -> None:
+        try:
+            await self.redis.zrem(self.KEY, lease)
+        except (RedisError, OSError):
+            pass
 
     async def release(self, lease: str) -> None:
         self.held.discard(lease)

@@ -47,7 +47,9 @@ class Dispatcher:
             else None
         )
 
-    async def send(self, pool: Pool, path: str, body: bytes, adm: Admission) -> UpstreamResult:
+    async def send(
+        self, pool: Pool, path: str, body: bytes, adm: Admission, items: int | None = None
+    ) -> UpstreamResult:
         """One upstream call; its answer as bytes, checked to look like a JSON object (first and
         last byte) but not decoded: an embeddings answer goes back as vLLM wrote it.
 
@@ -57,15 +59,18 @@ class Dispatcher:
         key = adm.info.key_name or ""
         lease = await self._acquire(key, adm.info)
         try:
-            return await self.answered(pool, path, body, adm)
+            return await self.answered(pool, path, body, adm, items)
         finally:
             self.gate.release(key)
             if lease is not None:
                 await self._give_back(lease)
 
-    async def answered(self, pool: Pool, path: str, body: bytes, adm: Admission) -> UpstreamResult:
-        """`send` for a request that holds its slot already (coalesce.py sends a member alone)."""
-        result = await self.call(pool, path, body, (adm.info,), adm.info.request_id)
+    async def answered(
+        self, pool: Pool, path: str, body: bytes, adm: Admission, items: int | None = None
+    ) -> UpstreamResult:
+        """`send` for a request that holds its slot already (coalesce.py sends a member alone).
+        `items`: the prompts vLLM will run for it (default: the request's inputs or documents)."""
+        result = await self.call(pool, path, body, (adm.info,), adm.info.request_id, items)
         adm.done_tokens += usage_tokens(result.body) or 0
         return result
 
@@ -92,7 +97,7 @@ class Dispatcher:
             if self.slots is not None:
                 start = perf_counter()
                 try:
-                    lease = await self.slots.acquire()
+                    lease = await self.slots.acquire(waited)
                 except BaseException:
                     self.gate.release(key)
                     raise
@@ -108,10 +113,20 @@ class Dispatcher:
         await self.slots.release(lease)
 
     async def call(
-        self, pool: Pool, path: str, body: bytes, infos: Sequence[RequestInfo], request_id: str
+        self,
+        pool: Pool,
+        path: str,
+        body: bytes,
+        infos: Sequence[RequestInfo],
+        request_id: str,
+        items: int | None = None,
     ) -> UpstreamResult:
         """POST `body` for the requests in `infos` (one, or the members of a merged call), who
-        hold their slots; the answer checked to look like a JSON object."""
+        hold their slots; the answer checked to look like a JSON object. `items` is what vLLM
+        counts as requests (one per input or document; default: the requests' own counts), so the
+        replica's load can be compared with what its /metrics says (upstream.Pool.pick)."""
+        if items is None:
+            items = sum(info.items or 1 for info in infos)
         for info in infos:
             info.sending(1)
         start = perf_counter()
@@ -120,7 +135,7 @@ class Dispatcher:
         try:
             # A task of its own: the call's wake-ups then resume a short chain of coroutines, not
             # the request's ten, which measured 12 % more small-embedding rps (bench/RESULTS.md).
-            result = await asyncio.ensure_future(pool.post(path, body, request_id, tried))
+            result = await asyncio.ensure_future(pool.post(path, body, request_id, tried, items))
         finally:
             for info in infos:
                 info.sending(-1)
@@ -134,9 +149,10 @@ class Dispatcher:
             raise self._not_json(pool, path, result)
         return result
 
-    async def json(self, pool: Pool, path: str, body: bytes, adm: Admission) -> dict[str, Any]:
-        """One upstream call, its answer decoded (a 502 if it is not a JSON object)."""
-        result = await self.send(pool, path, body, adm)
+    async def json(self, pool: Pool, path: str, body: bytes, adm: Admission, items: int = 0) -> dict[str, Any]:
+        """One upstream call, its answer decoded (a 502 if it is not a JSON object). `items`: the
+        prompts it runs (0 for /tokenize and /detokenize, which do not reach the engine)."""
+        result = await self.send(pool, path, body, adm, items)
         try:
             data = orjson.loads(result.body)
         except orjson.JSONDecodeError:
@@ -145,13 +161,15 @@ class Dispatcher:
             raise self._not_json(pool, path, result)
         return data
 
-    async def fan_out(self, pool: Pool, path: str, bodies: list[bytes], adm: Admission) -> list[dict[str, Any]]:
+    async def fan_out(
+        self, pool: Pool, path: str, bodies: list[bytes], adm: Admission, items: list[int]
+    ) -> list[dict[str, Any]]:
         """Parts of one request sent at once (the pool spreads them over its replicas); their
         answers decoded, in order. If a part fails, the first failure in order is raised once
         every part has finished (`adm.done_tokens` then holds what the others cost)."""
         if len(bodies) == 1:
-            return [await self.json(pool, path, bodies[0], adm)]
-        return await gather_all(self.json(pool, path, b, adm) for b in bodies)
+            return [await self.json(pool, path, bodies[0], adm, items[0])]
+        return await gather_all(self.json(pool, path, b, adm, n) for b, n in zip(bodies, items, strict=True))
 
     async def split(
         self, pool: Pool, path: str, items: list[Any], size: int, body: Callable[[list[Any]], bytes], adm: Admission
@@ -159,7 +177,7 @@ class Dispatcher:
         """`items` in consecutive chunks of at most `size`, `body(chunk)` sent for each (fan_out):
         (chunk, its decoded answer) in order."""
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        parts = await self.fan_out(pool, path, [body(c) for c in chunks], adm)
+        parts = await self.fan_out(pool, path, [body(c) for c in chunks], adm, [len(c) for c in chunks])
         return list(zip(chunks, parts, strict=True))
 
     @staticmethod

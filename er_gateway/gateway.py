@@ -63,7 +63,7 @@ class Runtime:
 # concurrency gate, keys file, front door, logs). A reload that changes one says so.
 RESTART_ONLY = (
     "host", "port", "workers", "max_concurrency", "max_concurrency_per_key", "queue_timeout", "keys_file", "keys_store",
-    "global_max_concurrency", "global_lease_ttl",
+    "global_max_concurrency", "global_lease_ttl", "redis_url",
     "header_timeout", "max_header_bytes", "keepalive_timeout", "max_connections", "ssl_certfile", "ssl_keyfile",
     "log_dir", "log_level", "log_format", "log_max_bytes", "log_backups", "access_log", "cache_size", "cache_ttl",
     "cache_scope", "drain_delay", "drain_timeout",
@@ -98,6 +98,7 @@ class Gateway:
             else None
         )
         self.replicas: dict[str, Replica] = {}  # every backend URL's state, across reloads
+        self.expanded: dict[str, tuple[str, ...]] = {}  # what DNS discovery found, across reloads
         self.cache = (
             ResultCache(
                 int(settings.cache_size * 1024 * 1024),
@@ -116,7 +117,8 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         self._retired: list[Runtime] = []  # replaced by a reload, not closed yet
         # With Redis, a reload reaches every worker and gateway sharing it (reloads.py).
-        self.bus = ReloadBus(settings.redis_url, self.reload) if settings.redis_url else None
+        self.bus = ReloadBus(settings.redis_url, self.reload, settings.redis_timeout) if settings.redis_url else None
+        self._reloading = asyncio.Lock()  # one reload at a time: two would both retire the same Runtime
 
     @property
     def settings(self) -> Settings:
@@ -146,6 +148,7 @@ class Gateway:
             settings,
             on_error=lambda model, replica, kind: m.upstream_errors.labels(model, replica, kind).inc(),
             registry=self.replicas,
+            expanded=self.expanded,
         )
         return Runtime(
             settings=settings,
@@ -313,12 +316,16 @@ class Gateway:
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file and keys; build a new Runtime and swap it in."""
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> dict[str, Any]:
         if self.manager.busy:
             raise GatewayError(409, "a model reload is in progress; try again when it has answered")
         old = self.runtime
         try:
             new = load_settings(self.cli_overrides)
-            tokenizers = load_tokenizers(new.models)
+            tokenizers = await asyncio.to_thread(load_tokenizers, new.models)  # the loop keeps serving
             rt = self._build(new, tokenizers, old)
             if isinstance(self.keys, KeyStore):
                 self.keys.reload()  # last: a reload that fails changes nothing

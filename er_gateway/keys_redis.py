@@ -110,6 +110,13 @@ class RedisKeys(Keys):
             pipe.hgetall(HASH)
             version, raw = await pipe.execute()
         keys = parse(raw)
+        if version is None and not keys and self._by_hash:
+            # A Redis without our keys at all (flushed, or another instance behind the same name):
+            # taking that as "no key is valid" would lock every client out at once. Every change
+            # the commands make sets the version, so a real empty set always has one.
+            log.error("Redis has no API keys and no %s (flushed?); keeping the %d in use", VERSION, len(self._by_hash))
+            self.version = None  # checked again when a command changes the keys
+            return len(self._by_hash)
         self.use(keys)
         self.version = version
         return len(keys)

@@ -63,6 +63,9 @@ def refresh_gauges(m: Metrics, gate: FairGate, upstreams: Upstreams, cache: Resu
         m.cache_bytes.set(cache.size)
     m.waiting.set(gate.waiting)
     now = time.monotonic()
+    # Replicas come and go (DNS discovery, reloads): only the current ones are reported.
+    m.replica_healthy.clear()
+    m.replica_outstanding.clear()
     for name, pool in upstreams.pools.items():
         for i, r in enumerate(pool.replicas):
             m.replica_healthy.labels(name, str(i)).set(1 if r.healthy and now >= r.ejected_until else 0)

@@ -45,7 +45,8 @@ class Replica:
 
     url: str
     origin: str = ""  # the configured URL it comes from (another when DNS expanded one: Upstreams.discover)
-    outstanding: int = 0
+    outstanding: int = 0  # our calls in flight
+    items: int = 0  # what vLLM counts of them: one request per input or document
     # Active health: False only after a failed check or a refused connection.
     healthy: bool = True
     # Passive ejection after a timeout, 5xx or broken connection: no traffic until then,
@@ -64,9 +65,9 @@ class Replica:
     restarts: int = 0
     # Being restarted by /reload_model (manage.py): takes no new requests meanwhile.
     draining: bool = False
-    # vLLM's own load at the last health check (running + waiting requests, from its /metrics),
-    # and how much of it was not ours: other gateways' and workers' requests. Replica choice
-    # adds `others` to our own outstanding count, so N gateways balance the same vLLM queues.
+    # vLLM's own load at the last health check (running + waiting requests, from its /metrics:
+    # one per input or document), and how much of it was not ours: other gateways' and workers'.
+    # Replica choice adds `others` to our own `items`, so N gateways level the same vLLM queues.
     load: float | None = None
     others: float = 0.0
 
@@ -172,8 +173,9 @@ class Pool:
         return {"model": self.upstream_name} if self.upstream_name else {}
 
     def pick(self, exclude: Iterable[Replica] = ()) -> Replica | None:
-        """Least load among usable replicas: our outstanding requests plus what vLLM last
-        reported of everyone else's (`Replica.others`); ties go round-robin."""
+        """Least load among usable replicas: our inputs and documents in flight plus what vLLM
+        last reported of everyone else's (`Replica.others`), in vLLM's unit (one per prompt);
+        ties go round-robin."""
         now = time.monotonic()
         excluded = set(exclude)
         usable = [r for r in self.replicas if r.healthy and not r.draining and r not in excluded]
@@ -183,12 +185,17 @@ class Pool:
         candidates = fresh or usable
         if len(candidates) == 1:
             return candidates[0]
-        low = min(r.outstanding + r.others for r in candidates)
-        best = [r for r in candidates if r.outstanding + r.others == low]
+        low = min(r.items + r.others for r in candidates)
+        best = [r for r in candidates if r.items + r.others == low]
         return best[next(self._rr) % len(best)]
 
     async def post(
-        self, path: str, body: bytes, request_id: str | None = None, tried: list[Replica] | None = None
+        self,
+        path: str,
+        body: bytes,
+        request_id: str | None = None,
+        tried: list[Replica] | None = None,
+        items: int = 1,
     ) -> UpstreamResult:
         """POST `body` to a replica; retry elsewhere on connect errors and 503s.
 
@@ -212,6 +219,7 @@ class Pool:
             tried.append(replica)
             retries = len(tried) - 1
             replica.outstanding += 1
+            replica.items += items
             replica.requests += 1
             start = time.perf_counter()
             # Failures another replica may not have (connect errors, broken connections, 503)
@@ -248,6 +256,7 @@ class Pool:
                 last = answer
             finally:
                 replica.outstanding -= 1
+                replica.items -= items
             if retries >= self.settings.max_retries:
                 raise last
 
@@ -321,32 +330,50 @@ class Upstreams:
     """
 
     def __init__(
-        self, settings: Settings, on_error: ErrorHook | None = None, registry: dict[str, Replica] | None = None
+        self,
+        settings: Settings,
+        on_error: ErrorHook | None = None,
+        registry: dict[str, Replica] | None = None,
+        expanded: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.settings = settings
         self.on_error = on_error
         self.clients: dict[str, HTTPPool] = {}
+        # Health checks, /v1/models and /metrics: GETs with small answers, on their own
+        # connections with their own cap (a hostile /metrics cannot make a check buffer 256 MiB).
+        self.probes: dict[str, HTTPPool] = {}
         self.pools: dict[str, Pool] = {}
         self.served: dict[str, ModelConfig] = {}  # names the backends report, to their model
         self.registry = {} if registry is None else registry
         # Configured URL -> the replica URLs it stands for: itself, or one per address when its
-        # host name resolves to several (discover()).
-        self.expanded: dict[str, tuple[str, ...]] = {}
+        # host name resolves to several (discover()). Kept by the gateway across reloads, like
+        # `registry`, so a reload whose lookup fails keeps the replicas known.
+        self.expanded = {} if expanded is None else expanded
+        self._discovered = False  # the first discovery done: addresses found later are new pods
         self._task: asyncio.Task[None] | None = None
 
-    def _client(self, url: str) -> HTTPPool:
+    def _client(self, url: str, origin: str) -> HTTPPool:
         client = self.clients.get(url)
         if client is None:
             s = self.settings
             headers = {"Content-Type": "application/json"}
             if s.backend_api_key:
                 headers["Authorization"] = f"Bearer {s.backend_api_key}"
+            if origin != url:  # an address of a name: proxies in between route by the name
+                headers["Host"] = urlsplit(origin).netloc
             client = self.clients[url] = HTTPPool(
                 url,
                 connect_timeout=s.connect_timeout,
                 timeout=s.timeout,
                 headers=headers,
                 max_body=s.max_upstream_bytes,
+            )
+            self.probes[url] = HTTPPool(
+                url,
+                connect_timeout=s.connect_timeout,
+                timeout=s.health_timeout,
+                headers=headers,
+                max_body=METRICS_MAX_BYTES,
             )
         return client
 
@@ -358,8 +385,13 @@ class Upstreams:
         replicas = []
         for origin in model.urls:
             for url in self.expanded.get(origin, (origin,)):
-                self._client(url)
-                replica = self.registry.get(url) or self.registry.setdefault(url, Replica(url, origin))
+                self._client(url, origin)
+                replica = self.registry.get(url)
+                if replica is None:
+                    # A pod that appeared after start may hold other weights under the same name
+                    # (a rollout): counted as a restart, it starts a new cache epoch (cache.py).
+                    later = self._discovered and url != origin
+                    replica = self.registry[url] = Replica(url, origin, restarts=int(later))
                 replicas.append(replica)
         return replicas
 
@@ -386,10 +418,16 @@ class Upstreams:
         if changed:
             for pool in self.pools.values():
                 pool.replicas = self._replicas(pool.model)
-            live = {r.url for p in self.pools.values() for r in p.replicas}
-            for url in [u for u in self.clients if u not in live and not self.registry[u].outstanding]:
-                await self.clients.pop(url).close()
             self.learn_names()
+        # Addresses gone from DNS: their clients closed once no request uses them (looked at
+        # again every interval), their state forgotten.
+        live = {r.url for p in self.pools.values() for r in p.replicas}
+        for url in [u for u in self.clients if u not in live and not self.registry[u].outstanding]:
+            await self.clients.pop(url).close()
+            await self.probes.pop(url).close()
+            if self.registry[url].origin != url:
+                del self.registry[url]
+        self._discovered = True
         return changed
 
     async def _addresses(self, origin: str) -> list[str] | None:
@@ -409,7 +447,7 @@ class Upstreams:
                 asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
                 self.settings.health_timeout,
             )
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError, UnicodeError, ValueError) as e:  # bad labels raise UnicodeError
             log.debug("cannot resolve %s: %s", host, e)
             return None
         v4 = sorted({str(i[4][0]) for i in infos if i[0] == socket.AF_INET}, key=ipaddress.ip_address)
@@ -444,7 +482,7 @@ class Upstreams:
     async def check(self, replica: Replica) -> None:
         start = time.perf_counter()
         try:
-            resp = await self.clients[replica.url].request("GET", "/health", timeout=self.settings.health_timeout)
+            resp = await self.probes[replica.url].request("GET", "/health")
             ok = resp.status == 200
             error = None if ok else f"health: HTTP {resp.status}"
         except (UpstreamError, TimeoutError) as e:
@@ -473,7 +511,7 @@ class Upstreams:
         `MODEL_SIZE=4B`) is followed within one interval. A backend without the endpoint, or
         with an answer of another shape, keeps what was known: names only ever come from vLLM.
         """
-        resp = await self.clients[replica.url].request("GET", "/v1/models", timeout=self.settings.health_timeout)
+        resp = await self.probes[replica.url].request("GET", "/v1/models")
         if resp.status != 200 or len(resp.body) > MODELS_MAX_BYTES:
             return  # a real vLLM lists one model in a few hundred bytes: anything huge is not one
         try:
@@ -492,9 +530,12 @@ class Upstreams:
     async def _read_load(self, replica: Replica) -> None:
         """vLLM's running + waiting requests, from its Prometheus page; what of it is not ours
         becomes `others`. A backend without the gauges (not vLLM, or a version without them)
-        keeps `others` at 0: replica choice is then our outstanding count alone."""
-        resp = await self.clients[replica.url].request("GET", "/metrics", timeout=self.settings.health_timeout)
-        if resp.status != 200 or len(resp.body) > METRICS_MAX_BYTES:
+        keeps `others` at 0: replica choice is then our own load alone."""
+        try:
+            resp = await self.probes[replica.url].request("GET", "/metrics")
+        except UpstreamError:  # too big, broken: nothing known of its load
+            resp = None
+        if resp is None or resp.status != 200:
             replica.load, replica.others = None, 0.0
             return
         total = 0.0
@@ -508,8 +549,8 @@ class Upstreams:
                 total += v
                 found = True
         replica.load = total if found else None
-        # Our own requests on it are counted by vLLM too; they are in `outstanding` already.
-        replica.others = max(0.0, total - replica.outstanding) if found else 0.0
+        # Our own prompts on it are counted by vLLM too; they are in `items` already.
+        replica.others = max(0.0, total - replica.items) if found else 0.0
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(r) for r in self.replicas()))
@@ -557,6 +598,9 @@ class Upstreams:
             await asyncio.sleep(self.settings.health_interval)
             try:
                 await self.discover()
+            except Exception:  # noqa: BLE001 - discovery failing must not stop the health checks
+                log.exception("replica discovery failed")
+            try:
                 await self.check_all()
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("health check loop failed")
@@ -567,5 +611,5 @@ class Upstreams:
 
     async def close(self) -> None:
         self.stop_checks()
-        for c in self.clients.values():
+        for c in (*self.clients.values(), *self.probes.values()):
             await c.close()

@@ -112,6 +112,7 @@ class Fake:
         self.fault_path: str | None = None  # the fault on this path only (None: every path)
         self.refuse_text: str | None = None  # a 400 for any call with an input containing it
         self.current = 0
+        self.prompts = 0  # inputs and documents in flight: what vLLM's scheduler gauges count
         self.max_seen = 0
         self.requests = 0
         self.inputs = 0  # embedding inputs and score documents asked for
@@ -141,6 +142,7 @@ class Fake:
         self.current += 1
         self.max_seen = max(self.max_seen, self.current)
         self.last_headers = dict(request.headers)
+        prompts = 0
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
@@ -169,6 +171,9 @@ class Fake:
             if self.refuse_text and self.refuse_text in orjson.dumps(data.get("input", data.get("text_2"))).decode():
                 # an input this vLLM fails on for reasons the gateway cannot see coming
                 return self.error(400, f"input refused: contains {self.refuse_text!r}", "BadRequestError", "input")
+            if request.path in ("/v1/embeddings", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"):
+                prompts = items_of(data) if "documents" not in data else len(data["documents"] or [1])
+                self.prompts += prompts
             if self.engine is not None:
                 await self.engine.run(items_of(data))
             if request.path in ("/v1/embeddings", "/score", "/v1/score"):
@@ -181,6 +186,7 @@ class Fake:
             return answer
         finally:
             self.current -= 1
+            self.prompts -= prompts
 
     # --- routes ----------------------------------------------------------------------------
     async def embeddings(self, data: dict[str, Any]) -> web.Response:
@@ -407,9 +413,10 @@ def make_app(fake: Fake, api_key: str | None = None) -> web.Application:
     app.router.add_get("/v1/models", models)
 
     async def metrics(request: web.Request) -> web.Response:
-        # vLLM's scheduler gauges, in its format (one line per engine, labelled by engine and model)
-        capacity = fake.engine.capacity if fake.engine else fake.current
-        running = min(fake.current, capacity)
+        # vLLM's scheduler gauges, in its format (one line per engine, labelled by engine and model):
+        # one request per prompt (an input or a document), as vLLM's engine counts them
+        capacity = fake.engine.capacity if fake.engine else fake.prompts
+        running = min(fake.prompts, capacity)
         labels = f'{{engine="0",model_name="{fake.name}"}}'
         text = (
             "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
@@ -417,7 +424,7 @@ def make_app(fake: Fake, api_key: str | None = None) -> web.Application:
             f"vllm:num_requests_running{labels} {float(running)}\n"
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
             "# TYPE vllm:num_requests_waiting gauge\n"
-            f"vllm:num_requests_waiting{labels} {float(fake.current - running)}\n"
+            f"vllm:num_requests_waiting{labels} {float(fake.prompts - running)}\n"
         )
         return web.Response(text=text, content_type="text/plain")
 

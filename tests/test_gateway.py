@@ -81,3 +81,29 @@ def test_reload_keeps_rate_limit_counts_and_refuses_a_bad_config(tmp_path: Path)
     finally:
         gw.stop()
         emb.stop()
+
+
+async def test_overlapping_reloads_leave_one_runtime_and_retire_the_rest(tmp_path: Path) -> None:
+    """Two reloads at once (an HTTP reload and a broadcast, two SIGHUPs) run one after the other:
+    every configuration built is either the one in use or retired, none is retired twice."""
+    import asyncio
+
+    from er_gateway import keys as ks
+    from er_gateway.gateway import Gateway
+    from er_gateway.settings import load_settings
+
+    keys = tmp_path / "er_api_keys.json"
+    ks.create_key(keys, "a")
+    cli = {"keys_file": str(keys), "embedding_urls": "http://127.0.0.1:9", "reranker_urls": "none",
+           "log_dir": str(tmp_path / "logs"), "cache_size": "0"}  # fmt: skip
+    gw = Gateway(load_settings(cli, environ={}), cli)
+    built = [gw.runtime]
+    build = gw._build
+    gw._build = lambda *a: built.append(build(*a)) or built[-1]  # type: ignore[method-assign]
+    try:
+        await asyncio.gather(*(gw.reload() for _ in range(4)))
+        assert len(built) == 5
+        assert [rt.retired for rt in built] == [True, True, True, True, False] and gw.runtime is built[-1]
+        assert len(gw._retired) == len(set(map(id, gw._retired)))
+    finally:
+        await gw.stop()

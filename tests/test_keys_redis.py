@@ -206,3 +206,21 @@ def test_redis_down_at_start_then_up(tmp_path: Path) -> None:
         emb.stop()
         if r2 is not None:
             r2.stop()
+
+
+def test_a_flushed_redis_does_not_lock_everyone_out(rds: Redis, tmp_path: Path) -> None:
+    emb = start_backend(tmp_path, "embedding")
+    gw = start_gateway(tmp_path, *backend_args(emb, None), "--reranker-url", "none", *_redis(rds), admin_key=False)
+    try:
+        key = ks.create_key(RedisStore(rds.url), "kept")
+        wait_until(lambda: _status(gw.url, key) == 200, 2.0, "key seen")
+        redis.Redis.from_url(rds.url).flushall()  # keys and version gone
+        time.sleep(1.5)
+        assert _status(gw.url, key) == 200
+        assert "no API keys" in (gw.logs / "embedding_reranker_proxy.log").read_text()
+        # the next change through the commands is taken as it is
+        fresh = ks.create_key(RedisStore(rds.url), "after")
+        wait_until(lambda: _status(gw.url, fresh) == 200 and _status(gw.url, key) == 401, 2.0, "new set used")
+    finally:
+        gw.stop()
+        emb.stop()

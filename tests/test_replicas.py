@@ -383,6 +383,8 @@ def test_a_name_with_several_addresses_is_one_replica_per_address(tmp_path: Path
     try:
         assert replicas() == [f"http://127.0.0.2:{port}", f"http://127.0.0.3:{port}"]
         assert spread(20) == {"127.0.0.2": 10, "127.0.0.3": 10}
+        # sent to an address, still named as configured: a proxy in between routes by the name
+        assert backends["127.0.0.2"].stats()["last_headers"]["Host"] == f"vllm-headless:{port}"
         # scale up: a third pod appears in DNS
         backends["127.0.0.4"] = start_backend(tmp_path, "embedding", port=port, host="127.0.0.4")
         hosts.write_text("127.0.0.2 vllm-headless\n127.0.0.3 vllm-headless\n127.0.0.4 vllm-headless\n")

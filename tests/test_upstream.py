@@ -181,8 +181,8 @@ async def test_least_outstanding_then_round_robin() -> None:
     ups, pool = make(["http://a:1", "http://b:1", "http://c:1"])
     picks = [pool.pick().url for _ in range(6)]  # type: ignore[union-attr]
     assert sorted(picks) == sorted(["http://a:1", "http://b:1", "http://c:1"] * 2)
-    pool.replicas[0].outstanding = 3
-    pool.replicas[1].outstanding = 1
+    pool.replicas[0].items = 3
+    pool.replicas[1].items = 1
     assert pool.pick().url == "http://c:1"  # type: ignore[union-attr]
     await ups.close()
 
@@ -194,9 +194,9 @@ async def test_load_of_other_gateways_steers_the_choice() -> None:
     a.others = 10.0  # another gateway keeps 10 requests on a
     picks = [pool.pick() for _ in range(10)]
     assert picks == [b] * 10  # nothing of ours is outstanding: b is less loaded
-    b.outstanding = 10
+    b.items = 10  # our inputs in flight there (vLLM counts each input as a request)
     assert {pool.pick() for _ in range(4)} == {a, b}  # 10 + 0 against 0 + 10: round-robin again
-    b.outstanding = 11
+    b.items = 11
     assert pool.pick() is a
     await ups.close()
 
@@ -230,7 +230,7 @@ async def test_vllm_load_is_read_from_metrics(page: bytes, load: float | None) -
     ups, pool = make([url])
     try:
         replica = pool.replicas[0]
-        replica.outstanding = 2  # ours, which vLLM counts too
+        replica.items = 2  # ours, which vLLM counts too
         start = time.monotonic()
         await ups.check_all()
         assert time.monotonic() - start < 1.0
@@ -307,3 +307,15 @@ async def test_hostile_models_answers_are_bounded(answer: bytes, served: tuple[s
     finally:
         await ups.close()
         await runner.cleanup()
+
+
+async def test_names_dns_cannot_resolve_keep_their_replica() -> None:
+    """A label DNS refuses (empty, or over 63 characters, which raise UnicodeError rather than
+    OSError) or a name that does not resolve: the URL stays the one replica, nothing raises."""
+    ups, pool = make(["http://a..b:1", f"http://{'x' * 70}.example:1", "http://no-such-host.invalid:1"])
+    try:
+        assert await ups.discover() is False
+        assert [r.url for r in pool.replicas] == ["http://a..b:1", f"http://{'x' * 70}.example:1",
+                                                 "http://no-such-host.invalid:1"]  # fmt: skip
+    finally:
+        await ups.close()
