@@ -27,7 +27,8 @@ from .catalog import use_backend_name
 from .coalesce import Group, Member, apportion, in_order
 from .errors import GatewayError
 from .protocol import EmbeddingRequest
-from .qwen3 import embedding_query
+from .quantize import quantize_answer
+from .qwen3 import TASK_INSTRUCTIONS, embedding_query
 from .tokens import ModelTokenizer
 from .upstream import Pool
 
@@ -47,9 +48,30 @@ def input_count(inputs: Any) -> int:
 async def create_embeddings(
     rt: Runtime, adm: Admission, req: EmbeddingRequest, data: dict[str, Any], raw: bytes
 ) -> Response:
+    """POST /v1/embeddings: vLLM's answer as it wrote it, or with Voyage's `output_dtype` its
+    vectors quantized (quantize.py)."""
+    dtype = req.output_dtype or "float"
+    b64 = False
+    if "output_dtype" in data:  # the gateway's to apply, never vLLM's
+        data.pop("output_dtype")
+        raw = b""  # changed: the body is built again
+    if dtype != "float":
+        b64 = data.pop("encoding_format", None) == "base64"  # the quantized bytes, in base64
+    body = await embed(rt, adm, req, data, raw)
+    if dtype != "float":
+        body = quantize_answer(body, dtype, base64_bytes=b64)
+    return Response(body, media_type="application/json", headers=adm.headers)
+
+
+async def embed(rt: Runtime, adm: Admission, req: EmbeddingRequest, data: dict[str, Any], raw: bytes) -> bytes:
+    """The one forwarding path of embeddings (/v1/embeddings and Cohere's /v2/embed): `data` is
+    the request body (`raw` its bytes, or b"" when `data` was changed); returns the answer's bytes."""
     pool = rt.catalog.resolve(req.model, "embedding", adm.key)
     adm.info.model = pool.model.name
-    changed = _apply_gateway_fields(rt, pool, req, data)
+    changed = _apply_gateway_fields(rt, pool, req, data) or not raw
+    if data.pop("output_dimension", None) is not None:
+        data.setdefault("dimensions", req.dimensions)
+        changed = True
     changed = use_backend_name(data, pool) or changed
     inputs = data["input"]
     if rt.admission.budgets_tokens(adm.key):
@@ -60,7 +82,7 @@ async def create_embeddings(
     if cached is not None and cached.hits:
         if not cached.missing:  # every input known: vLLM is not asked
             await rt.admission.settle(adm, pool.model.name)
-            return Response(cached.answer(pool, adm), media_type="application/json", headers=adm.headers)
+            return cached.answer(pool, adm)
         inputs = data["input"] = [cached.texts[i] for i in cached.missing]
         changed = True
     cut = None
@@ -96,7 +118,7 @@ async def create_embeddings(
             body = await cached.fill(rt, pool, adm, body)
     finally:
         await rt.admission.settle(adm, pool.model.name)
-    return Response(body, media_type="application/json", headers=adm.headers)
+    return body
 
 
 @dataclass
@@ -353,15 +375,17 @@ async def _estimate(rt: Runtime, pool: Pool, inputs: Any, truncate: Any = None) 
 
 
 def _apply_gateway_fields(rt: Runtime, pool: Pool, req: EmbeddingRequest, data: dict[str, Any]) -> bool:
-    """Wrap query texts in the Qwen3 instruction; documents pass as they are."""
+    """Wrap query texts in the Qwen3 instruction (classification and clustering inputs in their
+    task's); documents pass as they are."""
     if req.instruction is None and req.input_type is None:
         return False
     data.pop("instruction", None)
     data.pop("input_type", None)
-    is_query = req.input_type in QUERY_TYPES or (req.input_type is None and req.instruction is not None)
-    if not is_query:
+    task = TASK_INSTRUCTIONS.get(req.input_type or "")
+    is_query = req.input_type in QUERY_TYPES or task is not None
+    if not is_query and not (req.input_type is None and req.instruction is not None):
         return True
-    instruction = req.instruction or pool.model.instruction or rt.settings.default_instruction
+    instruction = req.instruction or task or pool.model.instruction or rt.settings.default_instruction
     inputs = data["input"]
     if isinstance(inputs, str):
         data["input"] = embedding_query(inputs, instruction)

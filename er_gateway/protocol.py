@@ -37,7 +37,18 @@ class EmbeddingRequest(BaseModel):
     user: StrictStr | None = None
     # Gateway extras (Qwen3-Embedding query instruction); never sent upstream.
     instruction: StrictStr | None = None
-    input_type: Literal["query", "document", "search_query", "search_document"] | None = None
+    input_type: (
+        Literal["query", "document", "search_query", "search_document", "classification", "clustering"] | None
+    ) = None
+    # Voyage's names: the vector type (README, "Embedding types") and `dimensions`.
+    output_dtype: Literal["float", "int8", "uint8", "binary", "ubinary"] | None = None
+    output_dimension: StrictInt | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _aliases(self) -> EmbeddingRequest:
+        if self.dimensions is None:
+            self.dimensions = self.output_dimension
+        return self
 
     @field_validator("input")
     @classmethod
@@ -47,6 +58,71 @@ class EmbeddingRequest(BaseModel):
         if isinstance(v, str) and v == "":
             raise ValueError("input must not be an empty string")
         return v
+
+
+class CohereContent(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class CohereInput(BaseModel):
+    content: list[CohereContent] = Field(min_length=1)
+
+
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+def _float_only() -> list[EmbeddingType]:
+    return ["float"]
+
+
+class CohereEmbedRequest(BaseModel):
+    """Cohere's v2 embed: `texts` (or `inputs` of text content), an `input_type` that picks the
+    Qwen3 instruction, `embedding_types`, `output_dimension` (Matryoshka) and `truncate`."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "Qwen3-Embedding-0.6B",
+                    "texts": ["what is a panda?"],
+                    "input_type": "search_query",
+                    "embedding_types": ["float", "int8"],
+                },
+            ]
+        },
+    )
+
+    model: StrictStr | None = None
+    texts: list[StrictStr] | None = Field(None, min_length=1)
+    inputs: list[CohereInput] | None = Field(None, min_length=1)
+    input_type: Literal["search_document", "search_query", "classification", "clustering"] = "search_document"
+    embedding_types: list[EmbeddingType] = Field(default_factory=_float_only, min_length=1)
+    output_dimension: StrictInt | None = Field(None, ge=1)
+    truncate: Literal["NONE", "START", "END"] = "END"
+    max_tokens: StrictInt | None = Field(None, ge=1, description="tokens kept of each text (END or START)")
+
+    @model_validator(mode="after")
+    def _one_input_field(self) -> CohereEmbedRequest:
+        if (self.texts is None) == (self.inputs is None):
+            raise ValueError("give either texts or inputs")
+        if any(t == "" for t in self.all_texts()):
+            raise ValueError("texts must not be empty strings")
+        return self
+
+    def all_texts(self) -> list[str]:
+        if self.texts is not None:
+            return self.texts
+        return ["\n".join(c.text for c in i.content) for i in self.inputs or ()]
+
+
+class CohereEmbedResponse(BaseModel):
+    id: str
+    embeddings: dict[str, list[Any]] = Field(description="one list per requested embedding type, in input order")
+    texts: list[str]
+    meta: dict[str, Any]
+    response_type: Literal["embeddings_by_type"]
 
 
 class RerankDocument(BaseModel):
@@ -76,10 +152,21 @@ class RerankRequest(BaseModel):
     query: StrictStr = Field(min_length=1)
     documents: list[Union[StrictStr, RerankDocument]] = Field(min_length=1)
     top_n: StrictInt | None = Field(None, ge=0)
+    top_k: StrictInt | None = Field(None, ge=0, description="Voyage's name for top_n")
     return_documents: bool = True
     instruction: StrictStr | None = None
     max_length: StrictInt | None = Field(None, ge=1)
+    max_tokens_per_doc: StrictInt | None = Field(None, ge=1, description="Cohere v2's name for max_length")
     truncate_prompt_tokens: StrictInt | None = None
+
+    @model_validator(mode="after")
+    def _aliases(self) -> RerankRequest:
+        # One meaning, several dialects: the first that is set wins, in the order clients document.
+        if self.top_n is None:
+            self.top_n = self.top_k
+        if self.max_length is None:
+            self.max_length = self.max_tokens_per_doc
+        return self
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -245,12 +332,29 @@ class RankedDocument(BaseModel):
     rank: int
 
 
+class BilledUnits(BaseModel):
+    search_units: int = Field(description="ceil(documents / 100), at least 1, as Cohere bills a search")
+
+
+class MetaTokens(BaseModel):
+    input_tokens: int
+
+
+class RerankMeta(BaseModel):
+    """Cohere's `meta`, which billing tools (LiteLLM, Dify) read for rerank cost."""
+
+    api_version: dict[str, str]
+    billed_units: BilledUnits
+    tokens: MetaTokens
+
+
 class RerankResponse(BaseModel):
     """Jina/Cohere shape; `/rerank` adds `scores` (in input order) and `ranked_documents`."""
 
     id: str
     model: str
     usage: Usage
+    meta: RerankMeta
     results: list[RerankResult] = Field(description="best first, at most top_n")
     scores: list[float] | None = None
     ranked_documents: list[RankedDocument] | None = None

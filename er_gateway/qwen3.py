@@ -34,3 +34,11 @@ def rerank_prompt(query: str, document: str, instruction: str) -> str:
 def embedding_query(text: str, instruction: str) -> str:
     # No space after "Query:" — that is how the official code writes it.
     return f"Instruct: {instruction}\nQuery:{text}"
+
+
+# Instructions for Cohere's `input_type`s beyond search (Qwen3-Embedding wants a task instruction
+# on every input of such tasks; the model card's examples are of this form).
+TASK_INSTRUCTIONS = {
+    "classification": "Classify the given text into its category",
+    "clustering": "Identify the main topic or theme of the given text",
+}

@@ -148,6 +148,14 @@ def check_documents(data: dict[str, Any], settings: Settings, fields: tuple[str,
             raise _too_many(f, len(docs), settings.max_documents, "--max-documents", "documents")
 
 
+def check_texts(data: dict[str, Any], settings: Settings, fields: tuple[str, ...] = ("texts", "inputs")) -> None:
+    """Cohere's /v2/embed lists, counted against --max-inputs before the schema."""
+    for f in fields:
+        items = data.get(f)
+        if isinstance(items, list) and len(items) > settings.max_inputs:
+            raise _too_many(f, len(items), settings.max_inputs, "--max-inputs", "inputs")
+
+
 def check_batch(items: list[Any], settings: Settings) -> None:
     if len(items) > settings.max_batch_items:
         raise _too_many("requests", len(items), settings.max_batch_items, "--max-batch-items", "requests")

@@ -54,7 +54,7 @@ async def rerank(rt: Runtime, adm: Admission, req: RerankRequest, *, ranked: boo
         )
     instruction = req.instruction or model.instruction or rt.settings.default_instruction
     max_length = req.max_length and await _fit(rt, pool, adm, req.query, instruction, req.max_length)
-    sent, counts = await _truncate(rt, pool, adm, texts, max_length) if max_length else (texts, None)
+    sent, counts = await truncate_texts(rt, pool, adm, texts, max_length) if max_length else (texts, None)
     if rt.admission.budgets_tokens(adm.key):
         await rt.admission.reserve_tokens(adm, await _estimate(rt, pool, req.query, sent, instruction, counts))
     try:
@@ -75,6 +75,7 @@ async def rerank(rt: Runtime, adm: Admission, req: RerankRequest, *, ranked: boo
         "id": f"rerank-{adm.info.request_id}",
         "model": pool.upstream_name or model.name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "meta": rerank_meta(len(texts), tokens),
         "results": results,
     }
     if ranked:
@@ -83,6 +84,19 @@ async def rerank(rt: Runtime, adm: Admission, req: RerankRequest, *, ranked: boo
             {"document": texts[i], "score": scores[i], "rank": rank} for rank, i in enumerate(order, start=1)
         ]
     return answer
+
+
+DOCS_PER_SEARCH_UNIT = 100  # Cohere bills one search unit per query with up to 100 documents
+
+
+def rerank_meta(documents: int, tokens: int) -> dict[str, Any]:
+    """Cohere's `meta` beside Jina's `usage`: LiteLLM and Dify read it to bill a rerank."""
+    units = max(1, -(-documents // DOCS_PER_SEARCH_UNIT))
+    return {
+        "api_version": {"version": "2"},
+        "billed_units": {"search_units": units},
+        "tokens": {"input_tokens": tokens},
+    }
 
 
 SPECIAL_TOKENS = 2  # per pair, beyond the texts (a separator or end token some templates add)
@@ -112,7 +126,7 @@ async def _fit(rt: Runtime, pool: Pool, adm: Admission, query: str, instruction:
     if rt.catalog.tokenizer(pool.model) is not None:
         used: int | None = await rt.catalog.count_tokens(pool.model, frame)
     else:
-        used = await _backend_count(rt, pool, adm, "".join(frame))  # one call, not one per document
+        used = await backend_count(rt, pool, adm, "".join(frame))  # one call, not one per document
     if used is None:
         return max_length  # not even vLLM could count: let it judge the pairs itself
     fit = limit - (used + SPECIAL_TOKENS)
@@ -129,7 +143,7 @@ async def _fit(rt: Runtime, pool: Pool, adm: Admission, query: str, instruction:
     return max_length
 
 
-async def _backend_count(rt: Runtime, pool: Pool, adm: Admission, text: str) -> int | None:
+async def backend_count(rt: Runtime, pool: Pool, adm: Admission, text: str) -> int | None:
     """Tokens in `text` by vLLM's /tokenize (the gateway has no tokenizer for this model)."""
     body = {**pool.model_field(), "prompt": text, "add_special_tokens": False}
     try:
@@ -462,7 +476,7 @@ def _limit_from(message: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-async def _truncate(
+async def truncate_texts(
     rt: Runtime, pool: Pool, adm: Admission, texts: list[str], max_length: int
 ) -> tuple[list[str], list[int] | None]:
     """Cut each document (never the template) to `max_length` tokens with the model's tokenizer.

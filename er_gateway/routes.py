@@ -24,6 +24,7 @@ from starlette.responses import HTMLResponse, Response
 
 from . import protocol as p
 from .admission import Admission
+from .cohere_embed import cohere_embed
 from .embeddings import create_embeddings, input_count
 from .errors import GatewayError
 from .gateway import Gateway, Runtime
@@ -33,6 +34,7 @@ from .requestbody import (
     check_batch,
     check_documents,
     check_inputs,
+    check_texts,
     read_json,
     validate,
 )
@@ -138,6 +140,16 @@ async def embeddings(c: Call) -> Response:
     req = validate(p.EmbeddingRequest, data)
     c.info.items = input_count(req.input)
     return await create_embeddings(c.rt, adm, req, data, raw)
+
+
+async def cohere_embed_route(c: Call) -> Response:
+    adm = await c.admit("/v2/embed")
+    data, _ = await read_json(c.request, c.rt.settings)
+    if isinstance(data, dict):
+        check_texts(data, c.rt.settings)
+    req = validate(p.CohereEmbedRequest, data)
+    c.info.items = len(req.all_texts())
+    return json_response(await cohere_embed(c.rt, adm, req), headers=adm.headers)
 
 
 # ---- rerank ---------------------------------------------------------------------------------
@@ -331,6 +343,18 @@ ROUTES: tuple[Route, ...] = (
             "instruction; documents go as they are. Big batches are split over the replicas.",
         ),
         "/embeddings",
+    ),
+    Route(
+        "POST",
+        "/v2/embed",
+        cohere_embed_route,
+        "Create embeddings (Cohere v2)",
+        "embeddings",
+        body=p.CohereEmbedRequest,
+        answer=p.CohereEmbedResponse,
+        errors=(*_CLIENT, *_UPSTREAM),
+        description="`input_type` picks the Qwen3 instruction; `embedding_types` any of float, int8, uint8, "
+        "binary, ubinary, base64 (formulas in the README); `truncate` END (default) cuts texts to fit.",
     ),
     _rerank("/v1/rerank", rerank_v1, "Rerank documents (Jina/Cohere)"),
     _rerank("/v2/rerank", rerank_v2, "Rerank documents (Cohere v2)"),

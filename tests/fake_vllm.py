@@ -215,7 +215,11 @@ class Fake:
             dim = int(data["dimensions"])
         tokens = 0
         out = []
+        trunc = data.get("truncate_prompt_tokens")
+        keep = self.max_len if trunc == -1 else trunc  # vLLM: keep the last k tokens (-1: max_model_len)
         for i, item in enumerate(items):
+            if isinstance(keep, int) and keep > 0 and count_tokens(item) > keep:
+                item = item[-keep:] if isinstance(item, list) else " ".join(item.split()[-(keep - 1) :])
             n = count_tokens(item)
             if n > self.max_len:
                 return self.error(

@@ -49,9 +49,13 @@ def test_openai_sdk_models_and_errors(stack: Stack) -> None:
 def test_cohere_sdk_v2_and_v1(stack: Stack) -> None:
     docs = ["Paris is the capital of France", "Berlin is in Germany", "France capital Paris"]
     v2 = cohere.ClientV2(api_key=stack.gw.key, base_url=stack.gw.url)
-    res = v2.rerank(model=RER, query="capital of France", documents=docs, top_n=2)
+    res = v2.rerank(model=RER, query="capital of France", documents=docs, top_n=2, max_tokens_per_doc=64)
     assert len(res.results) == 2
     assert res.results[0].relevance_score >= res.results[1].relevance_score
+    # Cohere's meta, which LiteLLM and Dify read to bill a rerank
+    assert res.meta is not None and res.meta.billed_units is not None
+    assert res.meta.billed_units.search_units == 1
+    assert res.meta.tokens is not None and res.meta.tokens.input_tokens and res.meta.tokens.input_tokens > 0
     v1 = cohere.Client(api_key=stack.gw.key, base_url=stack.gw.url)
     res1 = v1.rerank(model=RER, query="capital of France", documents=docs, return_documents=False)
     assert [r.index for r in res1.results] == [r.index for r in res.results] + [

@@ -249,3 +249,37 @@ def test_openapi_docs_list_the_api(stack: Stack) -> None:
     for path in ("/v1/embeddings", "/v1/rerank", "/v2/rerank", "/rerank", "/batch_rerank", "/v1/models", "/health"):
         assert path in spec["paths"], path
     assert httpx.get(stack.gw.url + "/docs").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/rerank"])
+def test_rerank_answers_carry_cohere_meta(stack: Stack, path: str) -> None:
+    """Jina's `usage` and Cohere's `meta` on every rerank route: billing tools read either."""
+    r = stack.gw.post(path, {"model": RER, "query": "capital of France", "documents": ["Paris", "Berlin", "Rome"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    tokens = body["usage"]["total_tokens"]
+    assert tokens > 0
+    assert body["meta"] == {
+        "api_version": {"version": "2"},
+        "billed_units": {"search_units": 1},
+        "tokens": {"input_tokens": tokens},
+    }
+    many = stack.gw.post(path, {"model": RER, "query": "q", "documents": [f"d{i}" for i in range(201)]})
+    assert many.json()["meta"]["billed_units"]["search_units"] == 3  # ceil(201 / 100), as Cohere bills
+
+
+def test_voyage_top_k_and_cohere_max_tokens_per_doc(stack: Stack) -> None:
+    docs = ["Paris is the capital of France " * 20, "Berlin is in Germany", "France capital Paris"]
+    base = {"model": RER, "query": "capital of France", "documents": docs}
+    assert (
+        stack.gw.post("/v1/rerank", {**base, "top_k": 1}).json()["results"]
+        == (stack.gw.post("/v1/rerank", {**base, "top_n": 1}).json()["results"])
+    )
+    cut = stack.gw.post("/v2/rerank", {**base, "max_tokens_per_doc": 3}).json()
+    same = stack.gw.post("/v2/rerank", {**base, "max_length": 3}).json()
+    whole = stack.gw.post("/v2/rerank", base).json()
+    assert cut["results"] == same["results"] and cut["usage"] == same["usage"]
+    assert cut["usage"]["total_tokens"] < whole["usage"]["total_tokens"]
+    for bad in ({"top_k": -1}, {"max_tokens_per_doc": 0}, {"top_k": "1"}):
+        r = stack.gw.post("/v1/rerank", {**base, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("top_k", "max_tokens_per_doc"), r.text
