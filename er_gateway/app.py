@@ -60,11 +60,30 @@ class GatewayASGI:
     def __init__(self, gateway: Gateway, logs: Logs) -> None:
         self.gateway = gateway
         self.logs = logs
-        self.recorder = Recorder(logs, gateway.metrics, gateway.recent)
-        self.routes: dict[tuple[str, str], Handler] = {(r.method, r.path): r.handler for r in ROUTES}
+        self.recorder = Recorder(logs, gateway.metrics, gateway.recent, gateway.usage)
+        self.routes: dict[tuple[str, str], Handler] = {
+            (r.method, r.path): r.handler for r in ROUTES if "{" not in r.path
+        }
         self.methods: dict[str, list[str]] = {}
+        # Routes with a `{name}` segment (/admin/keys/{name}): matched only when no exact path does.
+        self.templates = [(r.method, r.path.split("/"), r.handler) for r in ROUTES if "{" in r.path]
         for r in ROUTES:
             self.methods.setdefault(r.path, []).append(r.method)
+
+    def _match(self, scope: Scope, allowed: list[str] | None) -> tuple[Handler | None, list[str] | None]:
+        """The templated route for the path, its parameters put in scope["path_params"]."""
+        parts = scope["path"].split("/")
+        found: Handler | None = None
+        methods: list[str] = []
+        for method, template, handler in self.templates:
+            params = _segments_match(template, parts)
+            if params is None:
+                continue
+            methods.append(method)
+            if method == scope["method"]:
+                scope["path_params"] = params
+                found = handler
+        return found, methods or allowed
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -129,8 +148,10 @@ class GatewayASGI:
         rt = gw.enter()
         try:
             handler = self.routes.get((scope["method"], scope["path"]))
+            if handler is None:  # not the hot path: templated routes, then 404/405
+                handler, allowed = self._match(scope, self.methods.get(scope["path"]))
             if handler is None:
-                response = _no_route(scope, self.methods.get(scope["path"]))
+                response = _no_route(scope, allowed)
             else:
                 try:
                     response = await handler(Call(Request(scope, receive), gw, rt, info))
@@ -161,6 +182,20 @@ class GatewayASGI:
                     log_field(info.key_name),
                 )
             self.recorder.record(scope, info, status)
+
+
+def _segments_match(template: list[str], parts: list[str]) -> dict[str, str] | None:
+    if len(template) != len(parts):
+        return None
+    params = {}
+    for t, p in zip(template, parts, strict=True):
+        if t.startswith("{"):
+            if not p:
+                return None
+            params[t[1:-1]] = p
+        elif t != p:
+            return None
+    return params
 
 
 def create_app_from_env() -> GatewayASGI:

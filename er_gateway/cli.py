@@ -14,6 +14,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from . import keys as keystore
+from .keys_redis import open_store
 from .settings import OPTIONS, SettingsError, add_arguments, load_settings
 from .tokens import TokenizerError, find_tokenizer
 
@@ -132,7 +133,7 @@ def keys_command(args: dict[str, Any]) -> int:
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    store = key_store(settings)
+    store = open_store(settings)
     cmd = args["keys_command"]
     try:
         if cmd == "create":
@@ -154,7 +155,7 @@ def keys_command(args: dict[str, Any]) -> int:
                 f"{'EXPIRES':<12} CREATED"
             )
             for k in rows:
-                state = "revoked" if k.revoked else "expired" if k.expired(time.time()) else "active"
+                state = k.public(time.time())["state"]
                 models = ",".join(k.models) if k.models is not None else "*"
                 print(
                     f"{k.name:<20} {k.hint + '…':<10} {state:<8} {k.rate_limit or 'default':<14} "
@@ -187,22 +188,13 @@ def keys_command(args: dict[str, Any]) -> int:
     return 0
 
 
-def key_store(settings: Any) -> keystore.Store:
-    """Where keys live for these settings: the keys file, or Redis (`--keys-store redis`)."""
-    if settings.keys_store == "redis":
-        from .keys_redis import RedisStore
-
-        return RedisStore(settings.redis_url)
-    return keystore.FileStore(settings.keys_file)
-
-
 def serve(settings: Any, cli: dict[str, Any]) -> int:
     import uvicorn
 
     from . import frontdoor
     from .app import SETTINGS_ENV, create_app
 
-    store = key_store(settings)
+    store = open_store(settings)
     try:
         created = store.ensure_default()
     except keystore.KeysFileError as e:

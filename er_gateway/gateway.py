@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from limits.errors import ConfigurationError
@@ -35,6 +36,7 @@ from .settings import Settings, SettingsError, load_settings
 from .status import refresh_gauges, snapshot
 from .tokens import TokenizerError, load_tokenizers
 from .upstream import Replica, Upstreams
+from .usage import UsageLedger
 
 log = logging.getLogger("er_gateway")
 
@@ -63,7 +65,7 @@ class Runtime:
 # concurrency gate, keys file, front door, logs). A reload that changes one says so.
 RESTART_ONLY = (
     "host", "port", "workers", "max_concurrency", "max_concurrency_per_key", "queue_timeout", "keys_file", "keys_store",
-    "global_max_concurrency", "global_lease_ttl", "redis_url",
+    "global_max_concurrency", "global_lease_ttl", "redis_url", "usage_snapshot_interval",
     "header_timeout", "max_header_bytes", "keepalive_timeout", "max_connections", "ssl_certfile", "ssl_keyfile",
     "log_dir", "log_level", "log_format", "log_max_bytes", "log_backups", "access_log", "cache_size", "cache_ttl",
     "cache_scope", "drain_delay", "drain_timeout",
@@ -118,6 +120,13 @@ class Gateway:
         self._retired: list[Runtime] = []  # replaced by a reload, not closed yet
         # With Redis, a reload reaches every worker and gateway sharing it (reloads.py).
         self.bus = ReloadBus(settings.redis_url, self.reload, settings.redis_timeout) if settings.redis_url else None
+        # GET /v1/usage: counted per key, model and day, in Redis or beside the keys file.
+        self.usage = UsageLedger(
+            settings.redis_url,
+            settings.redis_timeout,
+            Path(settings.keys_file).with_suffix(".usage.json"),
+            settings.usage_snapshot_interval,
+        )
         self._reloading = asyncio.Lock()  # one reload at a time: two would both retire the same Runtime
 
     @property
@@ -178,6 +187,7 @@ class Gateway:
             self._spawn(self.bus.follow())
         if self.slots is not None:
             self._spawn(self.slots.renew_forever())
+        self._spawn(self.usage.run())
         loop = asyncio.get_running_loop()
         # `kill -HUP <pid>`: what /reload_model does (config and keys, every process).
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
@@ -196,11 +206,19 @@ class Gateway:
             await self.bus.close()
         if self.slots is not None:
             await self.slots.close()
+        await self.usage.close()  # the last counts saved (or sent to Redis)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def keys_changed(self) -> None:
+        """The key store was just changed by this process: use it now, not at the next check."""
+        if isinstance(self.keys, RedisKeys):
+            await self._refresh_keys()
+        else:
+            self.reload_keys()
 
     async def _refresh_keys(self) -> None:
         assert isinstance(self.keys, RedisKeys)

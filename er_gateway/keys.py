@@ -33,6 +33,14 @@ class KeysFileError(Exception):
     """The keys file exists but cannot be used; the gateway must not start on it."""
 
 
+class KeyExists(ValueError):
+    """A key of that name exists already (create)."""
+
+
+class NoSuchKey(ValueError):
+    """No key of that name (revoke, rotate)."""
+
+
 @dataclass(frozen=True)
 class ApiKey:
     name: str
@@ -49,6 +57,13 @@ class ApiKey:
 
     def expired(self, now: float) -> bool:
         return self._expires_ts is not None and now >= self._expires_ts
+
+    def public(self, now: float) -> dict[str, Any]:
+        """What `keys list` and GET /admin/keys show: never the hash."""
+        state = "revoked" if self.revoked else "expired" if self.expired(now) else "active"
+        d = self.to_json()
+        del d["hash"], d["revoked"]
+        return {**d, "state": state}
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -230,7 +245,7 @@ def create_key(where: Store | str | os.PathLike[str], name: str, **options: Any)
 
     def change(keys: list[ApiKey]) -> list[ApiKey]:
         if any(k.name == name for k in keys):
-            raise ValueError(f"a key named {name!r} already exists (use `keys rotate {name}`)")
+            raise KeyExists(f"a key named {name!r} already exists (use `keys rotate {name}`)")
         return [*keys, new_record(name, key, **options)]
 
     _store(where).update(change)
@@ -293,7 +308,7 @@ def _find(keys: list[ApiKey], name: str) -> ApiKey:
     for k in keys:
         if k.name == name:
             return k
-    raise ValueError(f"no key named {name!r}")
+    raise NoSuchKey(f"no key named {name!r}")
 
 
 class Keys:

@@ -20,7 +20,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from .keys import ApiKey, Keys, KeysFileError, _record, generate_key, new_record
+from .keys import ApiKey, FileStore, Keys, KeysFileError, Store, _record, generate_key, new_record
 
 log = logging.getLogger("er_gateway")
 
@@ -152,3 +152,10 @@ class RedisKeys(Keys):
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+def open_store(settings: Any) -> Store:
+    """Where keys live for these settings: the keys file, or Redis (`--keys-store redis`)."""
+    if settings.keys_store == "redis":
+        return RedisStore(settings.redis_url)
+    return FileStore(settings.keys_file)

@@ -78,12 +78,15 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 def _operation(r: Route) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": r.summary + (f" (same as {r.alias_of})" if r.alias_of else ""),
-        "operationId": r.method.lower() + r.path.replace("/", "_").replace(".", "_"),
+        "operationId": r.method.lower() + r.path.replace("/", "_").replace(".", "_").replace("{", "").replace("}", ""),
         "tags": [r.tag],
         "security": [{"bearer": []}] if r.key else [],
     }
     if r.description:
         op["description"] = r.description
+    names = [seg[1:-1] for seg in r.path.split("/") if seg.startswith("{") and seg.endswith("}")]
+    if names:
+        op["parameters"] = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
     if r.body is not None:
         media: dict[str, Any] = {"schema": _ref(r.body)}
         extra = r.body.model_config.get("json_schema_extra")

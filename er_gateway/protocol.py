@@ -427,3 +427,59 @@ class ReloadAnswer(BaseModel):
 
     status: Literal["reloaded"]
     processes: ReloadReach | None = None  # a config reload; a model restart has `served_as` instead
+
+
+# ---- key admin (admin keys; the `keys` CLI's semantics) -----------------------------------------
+class KeyCreateRequest(BaseModel):
+    """`keys create` over HTTP: the key is in the answer, once."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"name": "team-a", "rpm": 600, "models": ["Qwen3-Embedding-0.6B"]}]},
+    )
+
+    name: StrictStr = Field(min_length=1, max_length=128, pattern=r"^[^/\s\x00-\x1f]+$")
+    rpm: StrictInt | None = Field(None, ge=1, description="requests per minute (default: --rate-limit)")
+    rate_limit: StrictStr | None = Field(None, description="any limit spec instead of rpm, e.g. 10/second")
+    tpm: StrictInt | None = Field(None, ge=1, description="token budget per minute")
+    models: list[StrictStr] | None = None
+    expires: StrictStr | None = Field(None, description="last valid day, YYYY-MM-DD (UTC), or an ISO datetime")
+    admin: bool = False
+
+
+class KeyRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    hint: str
+    state: Literal["active", "revoked", "expired"]
+    rate_limit: str | None = None
+    token_limit: str | None = None
+    models: list[str] | None = None
+    expires: str | None = None
+    created: str
+    admin: bool
+
+
+class KeyList(BaseModel):
+    data: list[KeyRecord]
+
+
+class KeyCreated(KeyRecord):
+    key: str = Field(description="the key itself: shown this once, only its hash is kept")
+
+
+class UsageRow(BaseModel):
+    date: str = Field(description="UTC day, YYYY-MM-DD")
+    key: str
+    model: str
+    requests: int = Field(description="answered with a status below 400")
+    inputs: int = Field(description="their inputs (embeddings) or documents (rerank, score)")
+    errors: int = Field(description="answered 400 or above, after naming a model")
+    tokens: int = Field(description="what vLLM counted doing (cached inputs not), failed parts included")
+
+
+class UsageList(BaseModel):
+    object: Literal["list"]
+    days: int
+    data: list[UsageRow]

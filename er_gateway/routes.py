@@ -19,15 +19,18 @@ from typing import Any
 import orjson
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from . import keys as ks
 from . import protocol as p
 from .admission import Admission
 from .cohere_embed import cohere_embed
 from .embeddings import create_embeddings, input_count
 from .errors import GatewayError
 from .gateway import Gateway, Runtime
+from .keys_redis import open_store
 from .observability import RequestInfo
 from .openapi import DOCS_ASSETS, docs_asset, docs_html, document
 from .requestbody import (
@@ -41,6 +44,7 @@ from .requestbody import (
 from .rerank import rerank, score_passthrough
 from .status import health
 from .status_page import STATUS_HTML
+from .usage import DAYS
 
 log = logging.getLogger("er_gateway")
 BATCH_PARALLEL = 4  # items of one /batch_rerank in flight at once
@@ -238,6 +242,101 @@ async def reload_model(c: Call) -> Response:
     return json_response(await c.gw.restart_models(req), headers=adm.headers)
 
 
+# ---- usage ----------------------------------------------------------------------------------------
+async def usage(c: Call) -> Response:
+    adm = await c.admit("/v1/usage")
+    q = c.request.query_params
+    try:
+        days = int(q.get("days", DAYS))
+    except ValueError:
+        days = 0
+    if not 1 <= days <= DAYS:
+        raise GatewayError(400, f"days must be a whole number from 1 to {DAYS}", param="days")
+    wanted = q.get("key")
+    if adm.key.admin:
+        key = wanted  # None: every key
+    elif wanted not in (None, adm.key.name):
+        raise GatewayError(403, "only an admin key sees another key's usage", param="key")
+    else:
+        key = adm.key.name
+    rows = await c.gw.usage.report(key, days)
+    return json_response({"object": "list", "days": days, "data": rows}, headers=adm.headers)
+
+
+# ---- key admin ----------------------------------------------------------------------------------
+async def _key_admin(c: Call, what: str, change: Callable[[ks.Store], Any]) -> Any:
+    """Run one `keys` operation on the gateway's own store (off the event loop: file locks and
+    Redis calls block), then use the keys at once here; the other processes follow as always
+    (the file watcher, or Redis's messages). Audited in the access log."""
+    adm = await c.admit("/admin/keys")
+    c.rt.admission.require_admin(adm.key)
+    c.info.extra["audit"] = what
+    store = open_store(c.rt.settings)
+    try:
+        result = await asyncio.to_thread(change, store)
+    except ks.KeyExists as e:
+        raise GatewayError(409, str(e), param="name") from None
+    except ks.NoSuchKey as e:
+        raise GatewayError(404, str(e), param="name") from None
+    except ValueError as e:  # a limit spec or expiry the key format refuses
+        raise GatewayError(400, str(e)) from None
+    except (ks.KeysFileError, OSError, RedisError) as e:
+        raise GatewayError(503, f"the key store failed: {e}", headers={"Retry-After": "1"}) from None
+    await c.gw.keys_changed()
+    return result, adm
+
+
+def _record_of(store: ks.Store, name: str) -> dict[str, Any]:
+    return next(k for k in store.read() if k.name == name).public(time.time())
+
+
+async def admin_keys_list(c: Call) -> Response:
+    rows, adm = await _key_admin(c, "list", lambda store: [k.public(time.time()) for k in store.read()])
+    return json_response({"data": rows}, headers=adm.headers)
+
+
+async def admin_keys_create(c: Call) -> Response:
+    data, _ = await read_json(c.request, c.rt.settings)
+    req = validate(p.KeyCreateRequest, data)
+
+    def create(store: ks.Store) -> dict[str, Any]:
+        key = ks.create_key(
+            store,
+            req.name,
+            rate_limit=req.rate_limit or (f"{req.rpm}/minute" if req.rpm else None),
+            token_limit=f"{req.tpm}/minute" if req.tpm else None,
+            models=req.models,
+            expires=req.expires,
+            admin=req.admin,
+        )
+        return {**_record_of(store, req.name), "key": key}
+
+    created, adm = await _key_admin(c, f"create {req.name}", create)
+    return json_response(created, status=201, headers=adm.headers)
+
+
+async def admin_key_revoke(c: Call) -> Response:
+    name = c.request.path_params["name"]
+
+    def revoke(store: ks.Store) -> dict[str, Any]:
+        ks.revoke_key(store, name)
+        return _record_of(store, name)
+
+    record, adm = await _key_admin(c, f"revoke {name}", revoke)
+    return json_response(record, headers=adm.headers)
+
+
+async def admin_key_rotate(c: Call) -> Response:
+    name = c.request.path_params["name"]
+
+    def rotate(store: ks.Store) -> dict[str, Any]:
+        key = ks.rotate_key(store, name)
+        return {**_record_of(store, name), "key": key}
+
+    rotated, adm = await _key_admin(c, f"rotate {name}", rotate)
+    return json_response(rotated, headers=adm.headers)
+
+
 async def health_route(c: Call) -> Response:
     status, body = health(
         c.rt.catalog, admin=c.rt.admission.is_admin(c.api_key), model=c.request.query_params.get("model")
@@ -402,6 +501,60 @@ ROUTES: tuple[Route, ...] = (
         errors=(400, 401, 403, 404, 408, 409, 413, 429, 502, 503),
         description="Admin key. No body: re-read the config and keys files. With a body: restart that kind's "
         "vLLM servers with those settings (`--manage-models`), else 409 with the command to run.",
+    ),
+    Route(
+        "GET",
+        "/v1/usage",
+        usage,
+        "Requests, inputs and tokens per model per day",
+        "keys",
+        answer=p.UsageList,
+        errors=(400, 401, 403, 429),
+        description="A key sees its own; an admin key every key's, or one's with `?key=NAME`. `?days=N` "
+        f"(1-{DAYS}, default {DAYS}) UTC days, newest first.",
+    ),
+    Route(
+        "GET",
+        "/admin/keys",
+        admin_keys_list,
+        "List API keys (never a key or its hash)",
+        "keys",
+        answer=p.KeyList,
+        errors=(401, 403, 429, 503),
+        description="Admin key. What `keys list` shows.",
+    ),
+    Route(
+        "POST",
+        "/admin/keys",
+        admin_keys_create,
+        "Create an API key",
+        "keys",
+        body=p.KeyCreateRequest,
+        answer=p.KeyCreated,
+        errors=(400, 401, 403, 409, 413, 429, 503),
+        description="Admin key. `keys create` over HTTP: 201 with the key, shown this once. Every process "
+        "accepts it within 2 s (this one at once).",
+    ),
+    Route(
+        "DELETE",
+        "/admin/keys/{name}",
+        admin_key_revoke,
+        "Revoke an API key",
+        "keys",
+        answer=p.KeyRecord,
+        errors=(401, 403, 404, 429, 503),
+        description="Admin key. `keys revoke NAME`: refused everywhere within 2 s; `rotate` brings it back.",
+    ),
+    Route(
+        "POST",
+        "/admin/keys/{name}/rotate",
+        admin_key_rotate,
+        "Give an API key a new secret",
+        "keys",
+        answer=p.KeyCreated,
+        errors=(401, 403, 404, 429, 503),
+        body_required=False,
+        description="Admin key. `keys rotate NAME`: the new key in the answer, once; the old one stops working.",
     ),
     Route(
         "GET",

@@ -121,6 +121,7 @@ class Settings(BaseModel):
     cache_ttl: float = Field(86400.0, gt=0)
     cache_scope: Literal["key", "shared"] = "key"
     workers: int = Field(1, ge=1)
+    usage_snapshot_interval: float = Field(60.0, gt=0)
     drain_delay: float = Field(5.0, ge=0)
     drain_timeout: float = Field(30.0, ge=0)
     log_dir: str = "logs"
@@ -372,6 +373,11 @@ OPTIONS: tuple[Option, ...] = (
         "SCOPE",
     ),
     Option("workers", "worker processes (more than 1 needs --redis-url)", "N"),
+    Option(
+        "usage_snapshot_interval",
+        "without --redis-url: seconds between saves of the usage counters (GET /v1/usage) beside the keys file",
+        "S",
+    ),
     Option(
         "drain_delay",
         "on SIGTERM, seconds the gateway keeps serving (with /health/ready at 503) before it stops "

@@ -14,10 +14,11 @@ from .recent import Recent
 class Recorder:
     """Turns a finished request into metrics, an access-log line and a status-page sample."""
 
-    def __init__(self, logs: Logs, metrics: Metrics, recent: Recent) -> None:
+    def __init__(self, logs: Logs, metrics: Metrics, recent: Recent, usage: Any = None) -> None:
         self.logs = logs
         self.metrics = metrics
         self.recent = recent
+        self.usage = usage  # usage.UsageLedger: per key, model and day
 
     def record(self, scope: dict[str, Any], info: RequestInfo, status: int) -> None:
         total = time.perf_counter() - info.start
@@ -29,6 +30,8 @@ class Recorder:
             if status == 429:
                 m.rate_limited.labels(info.key_name or "").inc()
             self.recent.add(info.model or "-", status, total)
+            if self.usage is not None and info.key_name and info.model:
+                self.usage.add(info.key_name, info.model, status, info.items, info.tokens)
         client = scope.get("client")
         self.logs.access(
             now_text(),
