@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -229,6 +230,7 @@ def start_gateway(
     workers: int,
     redis_url: str | None,
     client: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], str, str]:
     gdir = Path(tempfile.mkdtemp(prefix=f"gw-{scenario_root}-{workers}-{client or ''}-", dir=work))
     keys = gdir / "keys.json"
@@ -288,6 +290,7 @@ def start_gateway(
     ]
     if redis_url:
         cmd += ["--redis-url", redis_url]
+    cmd += extra
     p = subprocess.Popen(cmd, stdout=open(gdir / "out.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health")
@@ -295,6 +298,45 @@ def start_gateway(
         stop(p)  # never leave a gateway behind
         raise SystemExit(f"gateway did not start; see {gdir / 'out.log'}") from None
     return p, f"http://127.0.0.1:{port}", key
+
+
+def measure_tracing(args: argparse.Namespace, work: Path, ports: dict[str, int], results: list[Any]) -> None:
+    """Small embeddings at c=64 through a gateway exporting a span tree per request to a local
+    OTLP/HTTP receiver that discards them, against one that does not export; interleaved rounds."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Discard(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", free_port()), Discard)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{receiver.server_address[1]}"
+    _, _, _, body = SCENARIOS["small-embeddings"]
+    rps: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for _ in range(args.tracing):
+            for mode, extra in (("off", ()), ("on", ("--otlp-endpoint", endpoint))):
+                gw, gw_url, key = start_gateway(work, ports, "small", 1, None, extra=extra)
+                try:
+                    wrk(gw_url + "/v1/embeddings", body, key, 64, 2, work)
+                    r = wrk(gw_url + "/v1/embeddings", body, key, 64, args.duration, work)
+                    rps[mode].append(r["rps"])
+                    print(f"tracing {mode}: {r['rps']:.0f} rps, p50 {r['p50']:.3f} ms, p99 {r['p99']:.3f} ms")
+                    results.append({"scenario": f"tracing-{mode}", "conns": 64, **r})
+                finally:
+                    stop(gw)
+    finally:
+        receiver.shutdown()
+    ratios = [on / off for on, off in zip(rps["on"], rps["off"], strict=True)]
+    print("tracing on / off (same round): " + ", ".join(f"{x:.2f}x" for x in ratios))
 
 
 def redis_load(port: int) -> tuple[int, int, float]:
@@ -541,6 +583,9 @@ def main() -> None:
     ap.add_argument("--litellm", action="store_true", help="also measure LiteLLM 1.100.5 (small embeddings)")
     ap.add_argument("--soak", type=int, default=0, help="seconds of full load on small embeddings, RSS sampled")
     ap.add_argument("--workers", type=int, default=0, help="also measure --workers N with Redis (small, c=64)")
+    ap.add_argument(
+        "--tracing", type=int, default=0, help="also N rounds with and without --otlp-endpoint (small, c=64)"
+    )
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
@@ -695,6 +740,8 @@ def main() -> None:
                 )
             finally:
                 stop(redis)
+        if args.tracing:
+            measure_tracing(args, work, ports, results)
         if args.litellm:
             ll, ll_url, ll_key = start_litellm(work, ports)
             try:

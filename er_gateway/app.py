@@ -22,6 +22,7 @@ from starlette.responses import Response
 from .errors import GatewayError
 from .gateway import Gateway
 from .observability import Logs, Recorder, RequestInfo, log_field, new_request_id
+from .observability.tracing import Trace, Tracing, parse_traceparent
 from .routes import ROUTES, Call, Handler
 from .settings import Settings, load_settings
 
@@ -122,12 +123,16 @@ class GatewayASGI:
                 return
 
     async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
-        incoming = None
+        incoming = parent = None
         for k, v in scope["headers"]:
             if k == b"x-request-id":
                 incoming = v
-                break
+            elif k == b"traceparent":
+                parent = v
         info = RequestInfo(new_request_id(incoming), time.perf_counter())
+        tracing = self.gateway.tracing
+        if tracing is not None or parent is not None:
+            info.trace = _trace(tracing, scope, parent)
         status = 500
         gone = ""  # set when the client left: what the gateway was doing then
 
@@ -182,6 +187,29 @@ class GatewayASGI:
                     log_field(info.key_name),
                 )
             self.recorder.record(scope, info, status)
+            if info.trace is not None and info.trace.span is not None and tracing is not None:
+                tracing.finish(
+                    info.trace,
+                    {
+                        "http.request.method": scope["method"],
+                        "url.path": scope["path"],
+                        "http.response.status_code": status,
+                        "er.request_id": info.request_id,
+                        "er.route": info.route or None,
+                        "er.model": info.model,
+                        "er.key": info.key_name,
+                        "er.replica": info.replica,
+                        "er.items": info.items,
+                        "er.tokens": info.tokens,
+                    },
+                )
+
+
+def _trace(tracing: Tracing | None, scope: Scope, parent: bytes | None) -> Trace | None:
+    header = parent.decode("latin-1") if parent is not None else ""
+    if tracing is not None:
+        return tracing.begin(f"{scope['method']} {scope['path']}", header)
+    return Trace(header) if parse_traceparent(header) is not None else None  # passed to vLLM as it is
 
 
 def _segments_match(template: list[str], parts: list[str]) -> dict[str, str] | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from time import perf_counter
+from time import perf_counter, time_ns
 from typing import Any, TypeVar
 
 import orjson
@@ -22,6 +22,7 @@ from .coalesce import Coalescer, Group, Member
 from .concurrency import FairGate, GlobalSlots
 from .errors import GatewayError
 from .observability import Metrics, RequestInfo
+from .observability.tracing import Tracing
 from .settings import Settings
 from .upstream import Pool, Replica, UpstreamResult
 
@@ -36,8 +37,10 @@ class Dispatcher:
         metrics: Metrics,
         coalesce: Settings | None = None,
         slots: GlobalSlots | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.gate = gate
+        self.tracing = tracing  # spans of upstream calls, queue waits and batches (when exporting)
         self.slots = slots  # --global-max-concurrency: a lease in Redis besides the process's slot
         self.metrics = metrics
         # None: every request goes alone (--no-coalesce)
@@ -92,6 +95,7 @@ class Dispatcher:
         returned for `_give_back` (None without the cap, or when Redis failed open)."""
         info.queued(1)
         lease = None
+        started = time_ns() if info.trace is not None else 0
         try:
             waited = await self.gate.acquire(key)
             if self.slots is not None:
@@ -106,6 +110,8 @@ class Dispatcher:
             info.queued(-1)
         if waited:
             self.metrics.queue_wait.observe(waited)
+            if info.trace is not None and info.trace.span is not None:
+                info.trace.children.append(("queue wait", started, time_ns(), {"er.waited_s": waited}))
         return lease
 
     async def _give_back(self, lease: str) -> None:
@@ -132,11 +138,27 @@ class Dispatcher:
         start = perf_counter()
         tried: list[Replica] = []
         m = self.metrics
+        trace = infos[0].trace
+        span = parent = None
+        if trace is not None:
+            if trace.span is not None and self.tracing is not None:
+                span = self.tracing.child(trace, f"upstream {path}")
+                started = time_ns()
+            parent = trace.upstream_header(span)
         try:
             # A task of its own: the call's wake-ups then resume a short chain of coroutines, not
             # the request's ten, which measured 12 % more small-embedding rps (bench/RESULTS.md).
-            result = await asyncio.ensure_future(pool.post(path, body, request_id, tried, items))
+            result = await asyncio.ensure_future(pool.post(path, body, request_id, tried, items, parent))
         finally:
+            if span is not None:
+                attrs = {"er.model": pool.model.name, "er.items": items, "er.retries": max(0, len(tried) - 1)}
+                span.set_attributes({**attrs, **({"er.replica": tried[-1].url} if tried else {})})
+                span.end()
+                if len(infos) > 1:  # a coalesced batch: each member's trace shows the shared call
+                    batch = {"er.batch": request_id, "er.batch_members": len(infos), "er.items": items}
+                    for other in infos:
+                        if other.trace is not None and other.trace.span is not None:
+                            other.trace.children.append(("coalesced batch", started, time_ns(), batch))
             for info in infos:
                 info.sending(-1)
                 if tried:  # failed or not, the access log and the metrics say where it went

@@ -29,6 +29,7 @@ from .keys import Keys, KeysFileError, KeyStore
 from .keys_redis import RedisKeys
 from .manage import ModelManager
 from .observability import Metrics, Recent
+from .observability.tracing import Tracing
 from .protocol import ReloadModelRequest
 from .ratelimit import RateLimiter
 from .reloads import ReloadBus
@@ -68,7 +69,7 @@ RESTART_ONLY = (
     "global_max_concurrency", "global_lease_ttl", "redis_url", "usage_snapshot_interval",
     "header_timeout", "max_header_bytes", "keepalive_timeout", "max_connections", "ssl_certfile", "ssl_keyfile",
     "log_dir", "log_level", "log_format", "log_max_bytes", "log_backups", "access_log", "cache_size", "cache_ttl",
-    "cache_scope", "drain_delay", "drain_timeout",
+    "cache_scope", "drain_delay", "drain_timeout", "otlp_endpoint",
 )  # fmt: skip
 
 
@@ -83,6 +84,7 @@ class Gateway:
         self.metrics = Metrics()
         self.recent = Recent()
         self.drain = Drain(settings.drain_delay)
+        self.tracing = Tracing(settings.otlp_endpoint) if settings.otlp_endpoint else None
         # Each worker process gets its share of the caps, so N workers still send at most N×share.
         per_worker = max(1, -(-settings.max_concurrency // settings.workers))
         per_key = max(1, -(-settings.per_key_concurrency // settings.workers))
@@ -164,7 +166,7 @@ class Gateway:
             upstreams=upstreams,
             catalog=Catalog(settings, upstreams, tokenizers),
             admission=Admitter(self.keys, limiter, lambda model, key, n: m.child(m.tokens, model, key).inc(n)),
-            dispatch=Dispatcher(self.gate, m, settings, self.slots),
+            dispatch=Dispatcher(self.gate, m, settings, self.slots, self.tracing),
             cache=self.cache,
         )
 
@@ -207,6 +209,8 @@ class Gateway:
         if self.slots is not None:
             await self.slots.close()
         await self.usage.close()  # the last counts saved (or sent to Redis)
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -65,7 +65,14 @@ class Call:
         return api_key_of(self.request)
 
     async def admit(self, route: str, cost: int = 1) -> Admission:
-        return await self.rt.admission.admit(self.api_key, self.info, route, cost)
+        trace = self.info.trace
+        if trace is None or trace.span is None:
+            return await self.rt.admission.admit(self.api_key, self.info, route, cost)
+        start = time.time_ns()
+        try:
+            return await self.rt.admission.admit(self.api_key, self.info, route, cost)
+        finally:
+            trace.children.append(("admission", start, time.time_ns(), {"er.key": self.info.key_name or ""}))
 
 
 Handler = Callable[[Call], Awaitable[Response]]

@@ -135,6 +135,7 @@ class Settings(BaseModel):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     manage_models: bool = False
+    otlp_endpoint: str | None = None
     models: list[ModelConfig] = Field(default_factory=list)
 
     @field_validator("embedding_urls", "reranker_urls", mode="before")
@@ -193,6 +194,16 @@ class Settings(BaseModel):
                 "--manage-models needs --workers 1: a reload drains and restarts replicas from one "
                 "process, and other workers would keep sending to a server being restarted"
             )
+        if self.otlp_endpoint is not None:
+            from .observability.tracing import available
+
+            if not urlsplit(self.otlp_endpoint).scheme.startswith("http"):
+                raise ValueError(f"--otlp-endpoint must be an http(s) URL, got {self.otlp_endpoint!r}")
+            if not available():
+                raise ValueError(
+                    "--otlp-endpoint needs the OpenTelemetry SDK: pip install 'er-gateway[otlp]' "
+                    "(opentelemetry-sdk, opentelemetry-exporter-otlp-proto-http)"
+                )
         if self.global_max_concurrency is not None and not self.redis_url:
             raise ValueError("--global-max-concurrency needs --redis-url: the gateways share its slots there")
         if self.keys_store == "redis" and not self.redis_url:
@@ -395,6 +406,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("status_auth", "require an API key for GET /status (?api_key= works in a browser)", kind="bool"),
     Option("ssl_certfile", "TLS certificate (serve HTTPS)", "FILE"),
     Option("ssl_keyfile", "TLS private key", "FILE"),
+    Option(
+        "otlp_endpoint",
+        "export a span per request (admission, queue wait, upstream calls, batches) over OTLP/HTTP to this "
+        "collector, e.g. http://otel-collector:4318 (needs the [otlp] extra); off when unset",
+        "URL",
+    ),
     Option(
         "manage_models",
         "the gateway manages the local vLLM servers: POST /reload_model with new settings "

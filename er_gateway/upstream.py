@@ -196,6 +196,7 @@ class Pool:
         request_id: str | None = None,
         tried: list[Replica] | None = None,
         items: int = 1,
+        traceparent: str | None = None,
     ) -> UpstreamResult:
         """POST `body` to a replica; retry elsewhere on connect errors and 503s.
 
@@ -204,6 +205,8 @@ class Pool:
         are appended to `tried`, so a caller knows them on failure too.
         """
         headers = None if request_id is None else {"X-Request-ID": request_id}
+        if traceparent:
+            headers = {**(headers or {}), "traceparent": traceparent}
         tried = [] if tried is None else tried
         last: GatewayError | None = None
         while True:

@@ -32,6 +32,7 @@ class RequestInfo:
     items: int | None = None
     tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    trace: Any = None  # tracing.Trace when the client sent a traceparent or tracing exports spans
     _sending: int = 0
     _queued: int = 0
     _mark: float = 0.0
