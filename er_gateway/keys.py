@@ -293,10 +293,6 @@ def import_keys(target: Store, records: list[ApiKey]) -> tuple[list[str], list[s
     return added, skipped
 
 
-def ensure_keys_file(path: str | os.PathLike[str]) -> str | None:
-    return FileStore(path).ensure_default()
-
-
 def _read_or_empty(path: str | os.PathLike[str]) -> list[ApiKey]:
     try:
         return read_keys(path)

@@ -18,14 +18,11 @@ from __future__ import annotations
 import base64
 from array import array
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
 from .errors import GatewayError
-
-Dtype = Literal["float", "int8", "uint8", "binary", "ubinary"]
-DTYPES: tuple[str, ...] = ("float", "int8", "uint8", "binary", "ubinary")
 
 
 def int8(vector: Sequence[float]) -> list[int]:
@@ -55,13 +52,6 @@ def binary(vector: Sequence[float]) -> list[int]:
 
 
 QUANTIZERS = {"int8": int8, "uint8": uint8, "binary": binary, "ubinary": ubinary}
-
-
-def quantize(vector: Sequence[float], dtype: str) -> list[float] | list[int]:
-    """`vector` as `dtype` (one of DTYPES; "float" returns it as it is)."""
-    if dtype == "float":
-        return list(vector)
-    return QUANTIZERS[dtype](vector)
 
 
 def packed(values: list[int], dtype: str) -> bytes:
