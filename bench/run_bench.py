@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reproducible gateway benchmark: direct vs through the gateway (vs LiteLLM, optionally).
 
-    .venv/bin/python bench/run_bench.py [--duration 10] [--litellm] [--soak 300] [--workers 2]
+    .venv/bin/python bench/run_bench.py [--duration 10] [--litellm] [--soak 300] [--workers 2] [--http2 3]
     .venv/bin/python bench/run_bench.py --clients home,aiohttp,aiosonic,pyreqwest [--rounds 3]
 
 --clients compares upstream HTTP clients instead (README, "Upstream HTTP client"): one gateway per
@@ -339,6 +339,58 @@ def measure_tracing(args: argparse.Namespace, work: Path, ports: dict[str, int],
     print("tracing on / off (same round): " + ", ".join(f"{x:.2f}x" for x in ratios))
 
 
+def h2load(url: str, body: dict, key: str, conns: int, streams: int, duration: int, work: Path, h1: bool) -> dict:
+    """nghttp2's h2load (HTTP/2, or HTTP/1.1 with --h1: the same client both ways), pinned like wrk."""
+    data = work / "h2load-body.json"
+    data.write_text(json.dumps(body))
+    cmd = ["taskset", "-c", "1", "h2load", "-t", "1", "-c", str(conns), "-m", str(streams), "-D", str(duration)]
+    cmd += ["-d", str(data), "-H", f"authorization: Bearer {key}", "-H", "content-type: application/json"]
+    out = subprocess.run([*cmd, *(["--h1"] if h1 else []), url], capture_output=True, text=True).stdout
+    rps = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+    ok = re.search(r"requests: .*?(\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    ms = float(mean.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[mean.group(2)] if mean else float("nan")
+    failed = int(ok.group(2)) + int(ok.group(3)) if ok else -1
+    return {"rps": float(rps.group(1)) if rps else 0.0, "mean_ms": ms, "failed": failed}
+
+
+def measure_http2(args: argparse.Namespace, work: Path, ports: dict[str, int], results: list[Any]) -> None:
+    """Small embeddings, 64 requests in flight: HTTP/1.1 (wrk) through a gateway without --http2
+    and one with it (what enabling it costs HTTP/1.1 clients), then on the --http2 gateway h2load
+    over HTTP/1.1, h2c with one stream per connection, and h2c with 8 streams on each of 8
+    connections; interleaved rounds, each round's ratio to HTTP/1.1 by the same client."""
+    if not shutil.which("h2load"):
+        sys.exit("h2load is missing: apt-get install nghttp2-client")
+    _, _, _, body = SCENARIOS["small-embeddings"]
+    rows: dict[str, list[dict]] = {}
+    for _ in range(args.http2):
+        for flag in ((), ("--http2",)):
+            gw, gw_url, key = start_gateway(work, ports, "small", 1, None, extra=flag)
+            url = gw_url + "/v1/embeddings"
+            try:
+                wrk(url, body, key, 64, 2, work)
+                r = wrk(url, body, key, 64, args.duration, work)
+                rows.setdefault("wrk http/1.1" + (", --http2 on" if flag else ""), []).append(r)
+                if flag:
+                    for label, c, m, h1 in (("h2load http/1.1", 64, 1, True), ("h2load h2c 64x1", 64, 1, False),
+                                            ("h2load h2c 8x8", 8, 8, False)):  # fmt: skip
+                        rows.setdefault(label, []).append(h2load(url, body, key, c, m, args.duration, work, h1))
+            finally:
+                stop(gw)
+    base = {"wrk": rows["wrk http/1.1"], "h2load": rows["h2load http/1.1"]}
+    for label, runs in rows.items():
+        ref = base["wrk" if label.startswith("wrk") else "h2load"]
+        ratios = ", ".join(f"{r['rps'] / b['rps']:.2f}x" for r, b in zip(runs, ref, strict=True) if b["rps"])
+        lat = ", ".join(f"{r.get('p50', r.get('mean_ms', 0)):.2f}" for r in runs)
+        bad = sum(int(r.get("failed", 0)) + int(r.get("non2xx", 0)) for r in runs)
+        rps = ", ".join(f"{r['rps']:.0f}" for r in runs)
+        print(
+            f"{label:<26} rps {rps:<20} vs HTTP/1.1 {ratios:<18} "
+            f"{'p50' if label.startswith('wrk') else 'mean'} ms {lat}" + (f"  FAILED {bad}" if bad else "")
+        )
+        results.append({"scenario": "http2", "path": label, "runs": runs})
+
+
 def redis_load(port: int) -> tuple[int, int, float]:
     """What the Redis server has done so far: (EVALSHA calls, i.e. the rate limit's scripts;
     commands run in all, those the scripts run included; CPU seconds)."""
@@ -586,6 +638,9 @@ def main() -> None:
     ap.add_argument(
         "--tracing", type=int, default=0, help="also N rounds with and without --otlp-endpoint (small, c=64)"
     )
+    ap.add_argument(
+        "--http2", type=int, default=0, help="also N rounds of HTTP/1.1 vs HTTP/2 (h2load; small, 64 in flight)"
+    )
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     for tool in ("nginx", "wrk", "taskset"):
@@ -742,6 +797,8 @@ def main() -> None:
                 stop(redis)
         if args.tracing:
             measure_tracing(args, work, ports, results)
+        if args.http2:
+            measure_http2(args, work, ports, results)
         if args.litellm:
             ll, ll_url, ll_key = start_litellm(work, ports)
             try:

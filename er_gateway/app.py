@@ -105,12 +105,13 @@ class GatewayASGI:
                     return
                 s = gw.settings
                 log.info(
-                    "gateway pid %d serving %s; rate limit %s (%s), max concurrency %d",
+                    "gateway pid %d serving %s; rate limit %s (%s), max concurrency %d%s",
                     os.getpid(),
                     ", ".join(f"{m.name} ({m.kind}) -> {','.join(m.urls)}" for m in s.models),
                     s.rate_limit,
                     "redis" if s.redis_url else "memory",
                     gw.gate.limit,
+                    "; HTTP/2 on (--http2)" if s.http2 else "",
                 )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

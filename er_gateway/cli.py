@@ -191,7 +191,7 @@ def keys_command(args: dict[str, Any]) -> int:
 def serve(settings: Any, cli: dict[str, Any]) -> int:
     import uvicorn
 
-    from . import frontdoor
+    from . import frontdoor, http2
     from .app import SETTINGS_ENV, create_app
 
     store = open_store(settings)
@@ -217,13 +217,14 @@ def serve(settings: Any, cli: dict[str, Any]) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=frontdoor.FrontDoorProtocol,
+        http=frontdoor.H2FrontDoorProtocol if settings.http2 else frontdoor.FrontDoorProtocol,
         ws="none",  # no WebSocket routes; an upgraded connection would leave the front door's accounting
         timeout_keep_alive=settings.keepalive_timeout,
         access_log=False,
         log_config=None,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
+        ssl_context_factory=http2.alpn_context if settings.http2 and settings.ssl_certfile else None,
         timeout_graceful_shutdown=settings.drain_timeout,
         backlog=4096,
     )

@@ -44,6 +44,8 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from .http2 import PREFACE, H2Protocol
+
 log = logging.getLogger("er_gateway.frontdoor")
 
 ENV = "ER__FRONTDOOR_JSON"  # how the CLI hands the effective limits to uvicorn worker processes
@@ -435,6 +437,50 @@ class FrontDoorProtocol(HttpToolsProtocol):
 
 
 _on_headers_complete = HttpToolsProtocol.on_headers_complete
+
+
+class H2FrontDoorProtocol(FrontDoorProtocol):
+    """The front door with ``--http2``: a connection that negotiated ``h2`` over TLS, or whose
+    first bytes are the HTTP/2 preface (h2c with prior knowledge), is handed to http2.H2Protocol
+    (same limits, same connection count); any other stays HTTP/1.1. The only cost to an HTTP/1.1
+    connection is the check of its first bytes."""
+
+    _first = True  # no byte read yet on this connection
+    _early = b""  # a read shorter than the preface that may be its start
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self._counted:
+            return
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            self._to_h2(b"")
+
+    def data_received(self, data: bytes) -> None:
+        if self._first:
+            if self._early:
+                data = self._early + data
+            if data[:24] == PREFACE:
+                self._first = False
+                self._to_h2(data)
+                return
+            if len(data) < 24 and PREFACE.startswith(data):
+                self._early = data  # wait for the rest of the preface
+                return
+            self._first = False
+            self._early = b""
+        super().data_received(data)
+
+    def _to_h2(self, data: bytes) -> None:
+        self._head_since = None
+        self.connections.discard(self)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        h2proto = H2Protocol(self, self._real)  # type: ignore[arg-type]
+        self.connections.add(h2proto)  # type: ignore[arg-type]
+        self._counted = False  # the count is H2Protocol's now: it decrements it in connection_lost
+        h2proto.start(data)
 
 
 def raise_fd_limit() -> tuple[int, int]:

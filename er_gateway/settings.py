@@ -134,6 +134,7 @@ class Settings(BaseModel):
     status_auth: bool = True
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    http2: bool = False
     manage_models: bool = False
     otlp_endpoint: str | None = None
     models: list[ModelConfig] = Field(default_factory=list)
@@ -406,6 +407,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("status_auth", "require an API key for GET /status (?api_key= works in a browser)", kind="bool"),
     Option("ssl_certfile", "TLS certificate (serve HTTPS)", "FILE"),
     Option("ssl_keyfile", "TLS private key", "FILE"),
+    Option(
+        "http2",
+        "also serve HTTP/2: h2 over TLS (ALPN) and h2c with prior knowledge; HTTP/1.1 is served either way",
+        kind="bool",
+    ),
     Option(
         "otlp_endpoint",
         "export a span per request (admission, queue wait, upstream calls, batches) over OTLP/HTTP to this "

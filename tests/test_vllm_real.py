@@ -153,7 +153,9 @@ def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     common = ["--embedding-model", EMB_NAME, "--reranker-model", RER_NAME, "--health-interval", "1"]
     backend = {"ER_BACKEND_API_KEY": key}
-    gw = start_gateway(tmp / "gw", "--embedding-url", urls[0], "--reranker-url", urls[1], *common, env=backend)
+    # --http2: every HTTP/1.1 test of this gateway runs with HTTP/2 on too, and one test uses it.
+    main = ["--embedding-url", urls[0], "--reranker-url", urls[1], "--http2"]
+    gw = start_gateway(tmp / "gw", *main, *common, env=backend)
     # This one counts and cuts tokens itself, with the models' own tokenizer.json files.
     gw_s = start_gateway(
         tmp / "gw-server",
@@ -257,6 +259,28 @@ def test_cohere_v2_embed_types_from_real_vectors(tier: Tier) -> None:
     ranked = tier.gw.post("/v1/rerank", {"model": RER_NAME, "query": QUERY, "documents": DOCS}).json()
     assert ranked["meta"]["billed_units"]["search_units"] == 1
     assert ranked["meta"]["tokens"]["input_tokens"] == ranked["usage"]["total_tokens"] > 0
+
+
+def test_http2_clients_get_vllm_s_answers(tier: Tier) -> None:
+    """h2c with prior knowledge (--http2): the OpenAI and Cohere SDKs on an HTTP/2 httpx client get
+    what HTTP/1.1 clients get from the real models, the reference's vectors and scores."""
+    import cohere
+    import openai
+
+    texts = ["hello world", "The capital of France is Paris."]
+    ref = tier.reference("embed", texts)
+    with httpx.Client(http1=False, http2=True, timeout=120) as http:
+        client = openai.OpenAI(base_url=tier.gw.url + "/v1", api_key=tier.gw.key, http_client=http)
+        raw = client.embeddings.with_raw_response.create(model=EMB_NAME, input=texts)
+        assert raw.http_response.http_version == "HTTP/2"
+        for got, want in zip([d.embedding for d in raw.parse().data], ref, strict=True):
+            assert cosine(got, want) >= 0.99999
+        co = cohere.ClientV2(api_key=tier.gw.key, base_url=tier.gw.url, httpx_client=http)
+        ranked = co.rerank(model=RER_NAME, query=QUERY, documents=DOCS)
+    over1 = tier.gw.post("/v1/rerank", {"model": RER_NAME, "query": QUERY, "documents": DOCS}).json()
+    assert [(r.index, r.relevance_score) for r in ranked.results] == [
+        (r["index"], r["relevance_score"]) for r in over1["results"]
+    ]
 
 
 def test_dimensions_both_ways(tier: Tier, tmp_path: Path) -> None:
