@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import ssl
@@ -31,6 +32,7 @@ from conftest import (
     self_signed_cert,
     start_backend,
     start_gateway,
+    start_redis,
     wait_until,
 )
 from h2.errors import ErrorCodes
@@ -176,6 +178,30 @@ def test_http2_is_off_unless_asked(tmp_path: Path, h2stack: H2Stack) -> None:
     # With --http2, an HTTP/1.1 client (TLS without h2 in its ALPN list, or plain) still gets HTTP/1.1.
     r = httpx.get(h2stack.https + "/v1/models", headers=h2stack.tls.auth, verify=h2stack.trust)
     assert r.status_code == 200 and r.http_version == "HTTP/1.1"
+
+
+def test_workers_serve_http2_over_tls(tmp_path: Path, h2stack: H2Stack) -> None:
+    """--workers N: each worker process gets the HTTP/2 protocol and the ALPN context."""
+    redis = start_redis(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
+    tls = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    gw = start_gateway(
+        tmp_path, *backend_args(h2stack.emb, h2stack.rer), "--http2", "--workers", "2", "--redis-url", redis.url,
+        *tls, wait=False,
+    )  # fmt: skip
+    try:
+        https = gw.url.replace("http://", "https://")
+        trust = ssl.create_default_context(cafile=str(cert))
+        wait_until(lambda: httpx.get(https + "/health", verify=trust).status_code == 200, 30, "gw", gw.proc)
+        for _ in range(12):  # new connections, spread over the workers by the kernel
+            with httpx.Client(http2=True, verify=trust) as c:
+                r = c.get(https + "/v1/models", headers=gw.auth)
+            assert r.status_code == 200 and r.http_version == "HTTP/2"
+        started = re.findall(r"gateway pid (\d+) serving .*; HTTP/2 on", gw.output())
+        assert len(set(started)) == 2, started
+    finally:
+        gw.stop()
+        redis.stop()
 
 
 def test_large_bodies_both_ways_pass_flow_control(h2stack: H2Stack) -> None:
