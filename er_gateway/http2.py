@@ -187,6 +187,11 @@ class H2Protocol(asyncio.Protocol):
         )
         conn.decoder.max_header_list_size = front.max_header_bytes  # before the client acknowledges
         conn.initiate_connection()
+        # h2 treats a stream over its own limit as a connection error, which would fail every
+        # stream in flight; a client may open more before it has read our SETTINGS. So h2's limit
+        # is set higher, without telling the client, and ours refuses the streams (_request).
+        conn.local_settings.max_concurrent_streams = 4 * MAX_STREAMS
+        conn.local_settings.acknowledge()
         self.h2 = conn
         base: dict[str, Any] = {
             "type": "http",

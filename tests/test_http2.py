@@ -389,6 +389,25 @@ def test_header_list_over_the_limit_ends_the_connection(tight: GatewayProc) -> N
     assert httpx.get(tight.url + "/health/live").status_code == 200
 
 
+def test_streams_opened_before_the_settings_arrive_are_refused_not_the_connection(h2stack: H2Stack) -> None:
+    gw = h2stack.plain
+    c = RawH2(port_of(gw))
+    body = b'{"model": "%s", "input": "x"}' % EMB.encode()
+    sids = [c.request("/v1/embeddings", gw.key, body) for _ in range(MAX_STREAMS + 20)]  # SETTINGS not read yet
+    done: dict[int, str] = {}
+    end = time.monotonic() + 10
+    while len(done) < len(sids) and time.monotonic() < end and not c.closed:
+        for e in c.read(0.2):
+            if isinstance(e, h2.events.ResponseReceived):
+                done[e.stream_id] = dict(e.headers)[b":status"].decode()
+            elif isinstance(e, h2.events.StreamReset):
+                done[e.stream_id] = ErrorCodes(e.error_code).name
+    assert not any(goaway(e) for e in c.events) and not c.closed
+    assert set(done) == set(sids) and set(done.values()) <= {"200", "REFUSED_STREAM"}, set(done.values())
+    assert list(done.values()).count("200") >= MAX_STREAMS
+    c.close()
+
+
 def test_rapid_reset_is_capped_per_connection(tight: GatewayProc) -> None:
     """Streams opened and reset by the client (CVE-2023-44487): work that goes on after the reset
     still holds one of the connection's MAX_STREAMS slots; beyond, streams are refused at once, and
