@@ -4,8 +4,10 @@ uvicorn speaks HTTP/1.1 only. With ``--http2`` the front door (``frontdoor.H2Fro
 hands a connection to ``H2Protocol`` when TLS negotiated ``h2`` or the connection's first bytes are
 the HTTP/2 preface; every other connection stays on the HTTP/1.1 path, unchanged. Framing, HPACK
 and flow-control accounting are the ``h2`` library's (python-hyper's, which hypercorn also uses);
-this module maps streams to ASGI request/response cycles and keeps the front door's limits, so one
-client holds no more here than over HTTP/1.1:
+this module maps streams to ASGI request/response cycles and keeps the front door's limits. One
+connection carries up to ``MAX_STREAMS`` requests at once, as that many HTTP/1.1 connections would
+(each body within ``--max-body-bytes`` as usual); beyond that a client holds no more than over
+HTTP/1.1:
 
 * The connection counts against ``--max-connections`` (it is still the same connection).
 * The preface and the first request's headers must arrive within ``--header-timeout`` seconds;
@@ -14,20 +16,27 @@ client holds no more here than over HTTP/1.1:
   while decoding), and an unfinished header block may not buffer more than that either.
 * ``MAX_STREAMS`` concurrent streams are advertised, and requests still being served on one
   connection (those whose client reset them included, as their work goes on) are capped at the
-  same figure: more are refused with REFUSED_STREAM, and ``2 * MAX_STREAMS`` refusals without a
-  completed answer in between end the connection (GOAWAY ENHANCE_YOUR_CALM: the "rapid reset" flood).
+  same figure: more are refused with REFUSED_STREAM, and ``2 * MAX_STREAMS`` refusals within
+  ``REFUSAL_WINDOW`` seconds end the connection (GOAWAY ENHANCE_YOUR_CALM: the "rapid reset" flood).
 * A request body is buffered per stream up to the flow-control window (64 KiB, HTTP/2's default),
   which is reopened only as the app reads it.
 * A response the client does not let through (flow-control window closed) for
-  ``--header-timeout`` seconds is reset (CANCEL): the app sees the client gone and frees its slot.
+  ``--header-timeout`` seconds in a row is reset (CANCEL): the app sees the client gone and frees
+  its slot. WINDOW_UPDATEs or SETTINGS that open no room do not restart that clock.
 * While the socket's send buffer is full, reading stops: a client that sends PINGs or SETTINGS
-  without reading the acknowledgements cannot grow the gateway's memory.
+  without reading the acknowledgements cannot grow the gateway's memory. A connection whose
+  client reads nothing for ``--header-timeout`` seconds is aborted, and a closing connection whose
+  client does not read its GOAWAY is aborted after ``CLOSE_GRACE`` seconds, so neither holds a
+  ``--max-connections`` slot.
 * ``Connection: close`` from the app (sent while draining, drain.py) becomes a GOAWAY (NO_ERROR,
-  the last stream id taken) the next time no stream is in flight, and the connection closes: the
-  client opens its next streams elsewhere. uvicorn's graceful shutdown (after the drain delay)
-  refuses new streams (REFUSED_STREAM) and sends the GOAWAY when the streams in flight are done.
-  The GOAWAY waits because h2-based clients (httpx, so the OpenAI SDK) fail every stream in flight
-  on a GOAWAY, though RFC 9113 lets them finish.
+  the last stream id taken) once no stream has been in flight for ``DRAIN_IDLE`` seconds, and the
+  connection closes: the client opens its next streams elsewhere. uvicorn's graceful shutdown (after the drain delay)
+  does the same, and after ``SHUTDOWN_SERVE`` seconds without such a moment refuses new streams
+  (REFUSED_STREAM) until the streams in flight are done. The GOAWAY waits because h2-based clients
+  (httpx, so the OpenAI SDK) fail every stream in flight on a GOAWAY, though RFC 9113 lets them
+  finish. After the GOAWAY the gateway stops writing and reads what the client still sends
+  until it closes (at most ``CLOSE_GRACE`` s): a reset connection would turn the client's next
+  request into a write error instead of a clean "connection closed" that clients retry elsewhere.
 """
 
 from __future__ import annotations
@@ -55,6 +64,10 @@ error_log = logging.getLogger("uvicorn.error")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS, and the cap on requests served per connection
+REFUSAL_WINDOW = 10.0  # seconds over which 2 * MAX_STREAMS refused streams end a connection
+SHUTDOWN_SERVE = 2.0  # seconds a busy connection keeps taking new streams once shutdown begins
+DRAIN_IDLE = 0.1  # seconds without a stream in flight before a draining connection's GOAWAY
+CLOSE_GRACE = 2.0  # seconds a closing connection waits for its client to close before an abort
 # Response headers HTTP/2 forbids (RFC 9113 8.2.2); `connection: close` becomes a GOAWAY instead.
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
 _CONFIG = h2.config.H2Configuration(client_side=False, header_encoding=None)
@@ -73,6 +86,8 @@ class Stream:
         "body",
         "unacked",
         "more_body",
+        "body_done",
+        "expect_100",
         "event",
         "disconnected",
         "response_started",
@@ -89,7 +104,9 @@ class Stream:
         self.body = bytearray()
         self.unacked = 0  # flow-controlled bytes received and not yet read by the app
         self.more_body = True
-        self.event = asyncio.Event()  # body bytes, end of body or disconnect
+        self.body_done = False  # the app was given the body's last part
+        self.expect_100 = False  # `expect: 100-continue`: a 100 goes out when the app first reads
+        self.event = asyncio.Event()  # body bytes, end of body, answer complete or disconnect
         self.window: asyncio.Event | None = None  # set while a send waits for flow-control credit
         self.disconnected = False
         self.response_started = False
@@ -97,6 +114,14 @@ class Stream:
         self.headers: list[tuple[bytes, bytes]] = []
 
     async def receive(self) -> dict[str, Any]:
+        if self.expect_100:
+            self.expect_100 = False
+            if self.more_body and not self.body and not self.response_started:
+                self.conn.informational(self)
+        if self.body_done:  # as uvicorn: after the body, wait until the client leaves or the answer is done
+            while not self.disconnected and not self.response_complete:
+                self.event.clear()
+                await self.event.wait()
         while not self.body and self.more_body and not self.disconnected and not self.response_complete:
             self.event.clear()
             await self.event.wait()
@@ -107,6 +132,8 @@ class Stream:
         if self.unacked:
             self.conn.acknowledge(self.id, self.unacked)
             self.unacked = 0
+        if not self.more_body:
+            self.body_done = True
         return {"type": "http.request", "body": data, "more_body": self.more_body}
 
     async def send(self, message: MutableMapping[str, Any]) -> None:
@@ -116,7 +143,7 @@ class Stream:
                 raise RuntimeError("ASGI: response already started")
             self.response_started = True
             headers = [(b":status", _STATUS.get(message["status"]) or str(message["status"]).encode())]
-            headers += self.conn.default_headers
+            headers += self.conn.state.default_headers  # uvicorn refreshes `date` every second
             for name, value in message.get("headers", ()):
                 name = name.lower()
                 if name in _HOP_BY_HOP:
@@ -134,9 +161,10 @@ class Stream:
         more = message.get("more_body", False)
         if not more:
             self.response_complete = True
-        if self.disconnected:
-            return
+            self.event.set()
         conn = self.conn
+        if self.disconnected or conn.closed:
+            return
         end = not more
         try:
             if self.headers:  # sent with the first body part: one write for a small answer
@@ -148,8 +176,9 @@ class Stream:
                 await conn.send_data(self, body, end)
             elif end:
                 conn.h2.end_stream(self.id)
-        except h2.exceptions.StreamClosedError:  # reset by the client in between
+        except h2.exceptions.ProtocolError:  # the stream (or connection) ended in between
             conn.gone(self)
+            return
         conn.flush()
         if end:
             conn.response_done(self)
@@ -164,15 +193,17 @@ class H2Protocol(asyncio.Protocol):
         self.loop = front.loop
         self.app = front.app
         self.state = front.server_state
-        self.default_headers = [(n.lower(), v) for n, v in front.server_state.default_headers]
         self.streams: dict[int, Stream] = {}  # served and not yet done (reset by the client included)
-        self.refused = 0  # streams refused since the last completed answer
-        self.going_away = False  # no new streams; GOAWAY and close when the last one is done
-        self.close_wanted = False  # an answer said `Connection: close` (draining)
-        self.closed = False
+        self.refused = 0  # streams refused since `refused_since`
+        self.refused_since = 0.0
+        self.close_wanted = False  # GOAWAY at the next moment without a stream in flight (draining)
+        self.going_away = False  # as close_wanted, and new streams are refused meanwhile
+        self.closed = False  # GOAWAY sent or the connection failed: nothing more is sent
+        self.lost = False
         self.write_paused = False
         self.writable: asyncio.Event | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.abort_timer: asyncio.TimerHandle | None = None
         self.header_timeout = front.header_timeout
         self.max_header_bytes = front.max_header_bytes
         self._head_since: float | None = self.loop.time()  # until the first request's headers are in
@@ -215,22 +246,25 @@ class H2Protocol(asyncio.Protocol):
             self.data_received(data)
 
     def flush(self) -> None:
+        if self.closed:
+            return
         out = self.h2.data_to_send()
-        if out and not self.closed:
+        if out:
             self.transport.write(out)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:  # after our GOAWAY: read and drop until the client closes (_finish)
+            return
         conn = self.h2
         try:
             events = conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:  # h2 queued the GOAWAY that says why
             log.debug("HTTP/2 protocol error from %s: %s", self.front.client, e)
-            self.flush()
-            self.transport.close()
+            self._fail()
             return
         for ev in events:
-            if self.closed:
-                return
+            if self.lost or self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED:
+                break  # a handler below closed the connection
             if isinstance(ev, h2.events.DataReceived):
                 s = self.streams.get(ev.stream_id)
                 if s is None or s.response_complete or s.disconnected:  # nobody reads it: credit it back
@@ -253,8 +287,9 @@ class H2Protocol(asyncio.Protocol):
             elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
                 self._wake_senders(getattr(ev, "stream_id", 0))
             elif isinstance(ev, h2.events.ConnectionTerminated):
-                self.flush()
-                self.transport.close()
+                # h2 can send nothing more on any stream once it has a GOAWAY, though RFC 9113
+                # would let the streams in flight finish: they end here.
+                self._fail()
                 return
         if conn.incoming_buffer._headers_buffer:  # a header block split over CONTINUATION frames
             if sum(len(f.data) for f in conn.incoming_buffer._headers_buffer) > self.max_header_bytes:
@@ -273,27 +308,24 @@ class H2Protocol(asyncio.Protocol):
         if self.writable is not None:
             self.writable.set()
             self.writable = None
-        if not self.closed:
+        if not self.lost:
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self.closed = self.lost = True
         self._head_since = None
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        for timer in (self.idle_timer, self.abort_timer):
+            if timer is not None:
+                timer.cancel()
+        self.idle_timer = self.abort_timer = None
         self.state.connections.discard(self)
         from .frontdoor import FrontDoorProtocol
 
         FrontDoorProtocol.open_connections -= 1
-        for s in list(self.streams.values()):
-            s.disconnected = True
-            s.event.set()
-            if s.window is not None:
-                s.window.set()
+        self._gone_all()
         if self.writable is not None:
             self.writable.set()
 
@@ -302,10 +334,13 @@ class H2Protocol(asyncio.Protocol):
     def _request(self, ev: h2.events.RequestReceived) -> None:
         sid = ev.stream_id
         if self.going_away:
-            self._refuse(sid)
+            self._rst(sid, ErrorCodes.REFUSED_STREAM)
             return
         if len(self.streams) >= MAX_STREAMS:
-            self._refuse(sid)
+            self._rst(sid, ErrorCodes.REFUSED_STREAM)
+            now = self.loop.time()
+            if now - self.refused_since > REFUSAL_WINDOW:
+                self.refused, self.refused_since = 0, now
             self.refused += 1
             if self.refused >= 2 * MAX_STREAMS:
                 log.warning("HTTP/2 client %s keeps opening streams over the limit: closing", self.front.client)
@@ -317,7 +352,8 @@ class H2Protocol(asyncio.Protocol):
             self.idle_timer = None
         scope = dict(self.base_scope)
         headers: list[tuple[bytes, bytes]] = []
-        method = raw = authority = b""
+        method = raw = authority = host = b""
+        expect = False
         for name, value in ev.headers or ():
             if name[:1] == b":":
                 if name == b":method":
@@ -327,8 +363,12 @@ class H2Protocol(asyncio.Protocol):
                 elif name == b":authority":
                     authority = value
             else:
+                if name == b"host":
+                    host = value
+                elif name == b"expect" and value.lower() == b"100-continue":
+                    expect = True
                 headers.append((name, value))
-        if authority and not any(n == b"host" for n, _ in headers):
+        if authority and not host:  # (a Host that differs from :authority, h2 refuses: RFC 9113 8.3.1)
             headers.insert(0, (b"host", authority))  # what HTTP/1.1 apps read the authority from
         path_b, _, query = raw.partition(b"?")
         path = path_b.decode("ascii", "replace")
@@ -344,45 +384,59 @@ class H2Protocol(asyncio.Protocol):
         s = Stream(self, sid, scope)
         if ev.stream_ended is not None:
             s.more_body = False
+        s.expect_100 = expect
         self.streams[sid] = s
         task = self.loop.create_task(self._run(s))
         tasks = self.state.tasks
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    def _refuse(self, sid: int) -> None:
-        try:
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
-        except h2.exceptions.StreamClosedError:  # the client reset it already (same read)
-            pass
-
     async def _run(self, s: Stream) -> None:
         try:
             await self.app(s.scope, s.receive, s.send)
         except BaseException as e:  # noqa: BLE001 - as uvicorn: log it, answer 500 if we still can
             error_log.error("Exception in ASGI application", exc_info=e)
-            if not s.response_started and not s.disconnected:
+            if not s.response_started and not s.disconnected and not self.closed:
                 body = orjson.dumps(
                     {"error": {"message": "internal gateway error", "type": "server_error", "param": None, "code": 500}}
                 )
-                await s.send(
-                    {"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"application/json")]}
-                )
-                await s.send({"type": "http.response.body", "body": body})
+                try:
+                    await s.send(
+                        {
+                            "type": "http.response.start",
+                            "status": 500,
+                            "headers": [(b"content-type", b"application/json")],
+                        }
+                    )
+                    await s.send({"type": "http.response.body", "body": body})
+                except Exception:  # noqa: BLE001 - nothing more can be said on this stream
+                    pass
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
             if not s.response_complete and not s.disconnected and not self.closed:
                 # The app returned without finishing its answer: tell the client this stream failed.
-                self._reset(s, ErrorCodes.INTERNAL_ERROR)
+                self._rst(s.id, ErrorCodes.INTERNAL_ERROR)
+                self.gone(s)
             self._done(s)
+
+    def informational(self, s: Stream) -> None:
+        """`100 Continue`, for a client that waits for it before sending the body."""
+        if self.closed or s.disconnected:
+            return
+        try:
+            self.h2.send_headers(s.id, [(b":status", b"100")])
+        except h2.exceptions.ProtocolError:
+            return
+        self.flush()
 
     def response_done(self, s: Stream) -> None:
         """The answer's last frame is queued. A request body still coming is not wanted any more:
-        RST_STREAM(NO_ERROR) after a complete answer asks the client to stop sending it (RFC 9113 8.1)."""
-        self.refused = 0
+        RST_STREAM(NO_ERROR) after a complete answer asks the client to stop sending it (RFC
+        9113 8.1). The client did not leave: the request is logged with its status, not 499."""
         if s.more_body and not s.disconnected:
-            self._reset(s, ErrorCodes.NO_ERROR)
+            s.more_body = False
+            self._rst(s.id, ErrorCodes.NO_ERROR)
 
     def _done(self, s: Stream) -> None:
         self.streams.pop(s.id, None)
@@ -392,10 +446,14 @@ class H2Protocol(asyncio.Protocol):
         self.state.total_requests += 1
         if self.closed:
             return
-        if self.going_away or (self.close_wanted and not self.streams):
-            self._go_away(ErrorCodes.NO_ERROR)
-        elif not self.streams:
-            self.idle_timer = self.loop.call_later(self.front.timeout_keep_alive, self._idle)
+        if not self.streams:
+            if self.going_away:
+                self._go_away(ErrorCodes.NO_ERROR)
+                return
+            # Draining: the GOAWAY goes once no stream has been in flight for DRAIN_IDLE s. A
+            # client that got several answers at once is sending its next requests right now.
+            wait = DRAIN_IDLE if self.close_wanted else self.front.timeout_keep_alive
+            self.idle_timer = self.loop.call_later(wait, self._idle)
         self.flush()
 
     def gone(self, s: Stream) -> None:
@@ -405,19 +463,27 @@ class H2Protocol(asyncio.Protocol):
         if s.window is not None:
             s.window.set()
 
-    def _reset(self, s: Stream, code: ErrorCodes) -> None:
-        self.gone(s)
+    def _gone_all(self) -> None:
+        for s in list(self.streams.values()):
+            self.gone(s)
+
+    def _rst(self, stream_id: int, code: ErrorCodes) -> None:
+        if self.closed:
+            return
         try:
-            self.h2.reset_stream(s.id, code)
-        except h2.exceptions.StreamClosedError:
-            pass
+            self.h2.reset_stream(stream_id, code)
+        except h2.exceptions.ProtocolError:  # closed already (e.g. the client reset it in the same read)
+            return
         self.flush()
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """Give `n` body bytes of credit back (h2 sends WINDOW_UPDATE once enough has gathered)."""
         if self.closed or not n:
             return
-        self.h2.acknowledge_received_data(n, stream_id)  # a closed stream's bytes still credit the connection
+        try:
+            self.h2.acknowledge_received_data(n, stream_id)  # a closed stream's bytes still credit the connection
+        except h2.exceptions.ProtocolError:
+            return
         self.flush()
 
     # --- sending -----------------------------------------------------------------------------
@@ -425,35 +491,54 @@ class H2Protocol(asyncio.Protocol):
     async def send_data(self, s: Stream, data: bytes, end_stream: bool) -> None:
         conn = self.h2
         view = memoryview(data)
-        while view and not s.disconnected:
+        stalled_until: float | None = None  # while the window gives no room: when the stream is reset
+        while view and not s.disconnected and not self.closed:
             try:
                 room = min(conn.local_flow_control_window(s.id), conn.max_outbound_frame_size)
-            except h2.exceptions.StreamClosedError:
+            except h2.exceptions.ProtocolError:  # reset meanwhile
                 self.gone(s)
                 return
             if room <= 0:
-                await self._wait_window(s)
+                now = self.loop.time()
+                if stalled_until is None:
+                    stalled_until = now + self.header_timeout
+                if now >= stalled_until or not await self._wait_window(s, stalled_until - now):
+                    log.info(
+                        "HTTP/2 client %s did not take the answer on stream %d for %g s (flow-control window "
+                        "closed; --header-timeout): stream reset",
+                        self.front.client,
+                        s.id,
+                        self.header_timeout,
+                    )
+                    self._rst(s.id, ErrorCodes.CANCEL)
+                    self.gone(s)
+                    return
                 continue
+            stalled_until = None
             chunk, view = view[:room], view[room:]
             conn.send_data(s.id, chunk.tobytes(), end_stream=end_stream and not view)
             self.flush()
             if self.write_paused and self.writable is not None:
-                await self.writable.wait()
+                try:
+                    await asyncio.wait_for(self.writable.wait(), self.header_timeout)
+                except TimeoutError:
+                    log.info(
+                        "HTTP/2 client %s read nothing for %g s (--header-timeout): connection aborted",
+                        self.front.client,
+                        self.header_timeout,
+                    )
+                    self._abort()
+                    return
 
-    async def _wait_window(self, s: Stream) -> None:
+    async def _wait_window(self, s: Stream, timeout: float) -> bool:
+        """Until a WINDOW_UPDATE or SETTINGS may have opened room (True), or `timeout` s (False)."""
         self.flush()
         s.window = asyncio.Event()
         try:
-            await asyncio.wait_for(s.window.wait(), self.header_timeout)
+            await asyncio.wait_for(s.window.wait(), timeout)
+            return True
         except TimeoutError:
-            log.info(
-                "HTTP/2 client %s did not take the answer on stream %d for %g s (flow-control window closed; "
-                "--header-timeout): stream reset",
-                self.front.client,
-                s.id,
-                self.header_timeout,
-            )
-            self._reset(s, ErrorCodes.CANCEL)
+            return False
         finally:
             s.window = None
 
@@ -465,28 +550,60 @@ class H2Protocol(asyncio.Protocol):
     # --- closing -----------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """uvicorn's graceful shutdown: GOAWAY now, close when the streams in flight are done."""
-        self._go_away(ErrorCodes.NO_ERROR)
-
-    def _go_away(self, code: ErrorCodes) -> None:
-        """No new streams. With NO_ERROR, the GOAWAY waits until no stream is in flight: h2-based
-        clients (httpx, so the OpenAI SDK) fail their streams in flight on any GOAWAY, though RFC
-        9113 lets them finish; until then new streams are refused (REFUSED_STREAM: safe to retry)."""
+        """uvicorn's graceful shutdown: GOAWAY at the next moment without a stream in flight;
+        after SHUTDOWN_SERVE seconds without one, new streams are refused until then."""
         if self.closed:
             return
+        if not self.streams:
+            self._go_away(ErrorCodes.NO_ERROR)
+            return
+        self.close_wanted = True
+        self.loop.call_later(SHUTDOWN_SERVE, self._stop_taking_streams)
+
+    def _stop_taking_streams(self) -> None:
         self.going_away = True
-        if self.streams and code == ErrorCodes.NO_ERROR:
-            return  # _done() calls again when the last stream is done
+
+    def _go_away(self, code: ErrorCodes) -> None:
+        """GOAWAY (the last stream id taken) and close. Called with NO_ERROR only when no stream
+        is in flight: h2-based clients fail the streams in flight on a GOAWAY (module docstring)."""
+        if self.closed:
+            return
         self._head_since = None
         try:
             self.h2.close_connection(code, last_stream_id=self.h2.highest_inbound_stream_id)
         except h2.exceptions.ProtocolError:
             pass
         self.flush()
+        self._finish()
+
+    def _fail(self) -> None:
+        """The connection is broken (a protocol error, or the client's GOAWAY): send what h2 has
+        queued (its GOAWAY), end every stream and close."""
+        self.flush()
+        self._finish()
+
+    def _finish(self) -> None:
+        """No more frames: the write side is shut once flushed, and what the client still sends
+        is read and dropped until it closes, or for CLOSE_GRACE seconds, then the socket is aborted."""
         self.closed = True
-        for s in list(self.streams.values()):
-            self.gone(s)
-        self.transport.close()
+        self._head_since = None
+        self._gone_all()
+        t = self.transport
+        if t.can_write_eof():
+            t.write_eof()
+            if not self.lost:
+                t.resume_reading()
+        else:
+            t.close()
+        if self.abort_timer is None and not self.lost:
+            self.abort_timer = self.loop.call_later(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self.abort_timer = None
+        self.closed = True
+        self._gone_all()
+        if not self.lost:
+            self.transport.abort()
 
     def _idle(self) -> None:
         self.idle_timer = None

@@ -444,7 +444,11 @@ def test_a_client_that_never_opens_its_window_loses_the_stream(tight: GatewayPro
     c.read(0.2)
     t0 = time.monotonic()
     sid = c.request("/v1/models", tight.key)
-    ev = c.until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == sid, 6)
+    ev = None
+    while ev is None and time.monotonic() - t0 < 6:  # SETTINGS frames that open no room do not help
+        c.conn.update_settings({})
+        c.flush()
+        ev = c.until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == sid, 0.3)
     took = time.monotonic() - t0
     assert ev is not None and ev.error_code == ErrorCodes.CANCEL
     assert 0.9 <= took <= 2.5, took  # --header-timeout 1
@@ -546,6 +550,173 @@ def test_drain_sends_goaway_once_the_streams_in_flight_are_done(tmp_path: Path, 
         assert kinds.index(("StreamEnded", busy)) < kinds.index(("ConnectionTerminated", 0))
         c.read(1)
         assert c.closed
+        assert gw.proc.wait(10) == 0
+    finally:
+        gw.stop()
+        slow.stop()
+
+
+def test_a_client_that_reads_nothing_loses_its_connection_slot(tight: GatewayProc) -> None:
+    """PING floods that never read: the gateway closes them (no request within --header-timeout),
+    and aborts them CLOSE_GRACE s later when the client still reads nothing, freeing the slots."""
+    from er_gateway.http2 import CLOSE_GRACE
+
+    time.sleep(0.5)
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+    hogs = []
+    for _ in range(4):  # --max-connections 4
+        h = RawH2(port_of(tight))
+        h.sock.setblocking(False)
+        try:
+            for _ in range(200):
+                h.sock.send(ping * 4096)
+        except BlockingIOError:
+            pass
+        hogs.append(h)
+    t0 = time.monotonic()
+
+    def fresh() -> bool:
+        c = RawH2(port_of(tight))
+        c.request("/health/live", tight.key)
+        ok = c.until(lambda e: isinstance(e, h2.events.ResponseReceived), 0.5) is not None
+        c.close()
+        return ok
+
+    # --header-timeout 1, then CLOSE_GRACE, plus the seconds the gateway spends answering the
+    # PINGs it read before its send buffers filled (pure-Python h2, four floods on one core).
+    wait_until(fresh, 1 + CLOSE_GRACE + 6, "a connection slot")
+    assert time.monotonic() - t0 <= 1 + CLOSE_GRACE + 6
+    for h in hogs:
+        h.close()
+
+
+def test_client_goaway_with_a_request_in_the_same_read_leaves_no_traceback(h2stack: H2Stack) -> None:
+    gw = h2stack.plain
+    c = RawH2(port_of(gw))
+    c.read(0.2)
+    sid = c.conn.get_next_available_stream_id()
+    c.conn.send_headers(sid, [(b":method", b"GET"), (b":path", b"/health/live"), (b":scheme", b"http"),
+                              (b":authority", b"127.0.0.1")], end_stream=True)  # fmt: skip
+    c.conn.close_connection()
+    c.flush()
+    c.read(1)
+    time.sleep(0.3)
+    assert "Traceback" not in gw.output() and "Exception in ASGI" not in gw.output()
+    assert httpx.get(gw.url + "/health/live").status_code == 200
+
+
+def test_an_answer_before_the_body_is_logged_with_its_status(h2stack: H2Stack) -> None:
+    """401 before the body arrived: the rest of the body is declined (RST_STREAM NO_ERROR), and
+    the request is logged as 401, not as a client that left (499)."""
+    gw = h2stack.plain
+    c = RawH2(port_of(gw))
+    c.read(0.2)
+    sid = c.conn.get_next_available_stream_id()
+    c.conn.send_headers(sid, [(b":method", b"POST"), (b":path", b"/v1/embeddings"), (b":scheme", b"http"),
+                              (b":authority", b"127.0.0.1"), (b"authorization", b"Bearer wrong"),
+                              (b"x-request-id", b"early-401")])  # fmt: skip
+    c.flush()
+    ev = c.until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == sid, 3)
+    assert ev is not None and ev.error_code == ErrorCodes.NO_ERROR
+    statuses = [dict(e.headers)[b":status"] for e in c.events if isinstance(e, h2.events.ResponseReceived)]
+    assert statuses == [b"401"]
+    log = gw.logs / "access.log"
+    wait_until(lambda: "request_id=early-401" in log.read_text(), 5, "logged")
+    line = next(x for x in log.read_text().splitlines() if "request_id=early-401" in x)
+    assert "status=401" in line, line
+    c.close()
+
+
+def test_expect_100_continue_is_answered_and_date_is_fresh(h2stack: H2Stack) -> None:
+    gw = h2stack.plain
+    c = RawH2(port_of(gw))
+    c.read(0.2)
+    sid = c.conn.get_next_available_stream_id()
+    body = b'{"model": "%s", "input": "x"}' % EMB.encode()
+    c.conn.send_headers(sid, [(b":method", b"POST"), (b":path", b"/v1/embeddings"), (b":scheme", b"http"),
+                              (b":authority", b"127.0.0.1"), (b"authorization", f"Bearer {gw.key}".encode()),
+                              (b"content-type", b"application/json"), (b"expect", b"100-continue")])  # fmt: skip
+    c.flush()
+    ev = c.until(lambda e: isinstance(e, h2.events.InformationalResponseReceived), 3)
+    assert ev is not None and dict(ev.headers)[b":status"] == b"100"
+    c.conn.send_data(sid, body, end_stream=True)
+    c.flush()
+    first = c.until(lambda e: isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid, 3)
+    assert first is not None and dict(first.headers)[b":status"] == b"200"
+    time.sleep(2.1)  # the same connection, later: uvicorn's date header moves on
+    later = c.request("/health/live", gw.key)
+    second = c.until(lambda e: isinstance(e, h2.events.ResponseReceived) and e.stream_id == later, 3)
+    assert dict(second.headers)[b"date"] != dict(first.headers)[b"date"]
+    c.close()
+
+
+def test_receive_waits_after_the_body_until_the_answer_is_done() -> None:
+    """ASGI: after the last body part, receive() blocks until the client leaves or the answer is
+    complete (then http.disconnect), as uvicorn's does; it never returns at once in a loop."""
+    from er_gateway.http2 import Stream
+
+    class Conn:
+        def acknowledge(self, *a: Any) -> None:
+            pass
+
+        def informational(self, *a: Any) -> None:
+            pass
+
+    async def run() -> None:
+        s = Stream(Conn(), 1, {"method": "POST"})  # type: ignore[arg-type]
+        s.body += b"abc"
+        s.more_body = False
+        assert await s.receive() == {"type": "http.request", "body": b"abc", "more_body": False}
+        pending = asyncio.ensure_future(s.receive())
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        s.response_complete = True
+        s.event.set()
+        assert await asyncio.wait_for(pending, 1) == {"type": "http.disconnect"}
+
+    asyncio.run(run())
+
+
+def test_drain_with_a_busy_httpx_client_loses_no_request(tmp_path: Path, h2stack: H2Stack) -> None:
+    """httpx (h2) with four requests always in flight while the gateway drains: no GOAWAY while
+    they are in flight (it would fail them all), not even when all four answers go out at once;
+    the first pause gets the GOAWAY,
+    and the client's next requests go out on a new connection (httpcore retries a stream above
+    the GOAWAY's last id), all within --drain-delay."""
+    slow = start_backend(tmp_path, "embedding", extra=["--delay", "0.3"])
+    gw = start_gateway(
+        tmp_path, "--embedding-url", slow.url, "--reranker-url", h2stack.rer.url, "--http2", "--drain-delay", "4"
+    )
+    try:
+
+        async def run() -> list[Any]:
+            results: list[Any] = []
+            async with httpx.AsyncClient(base_url=gw.url, headers=gw.auth, http1=False, http2=True) as c:
+
+                async def worker(until: float) -> None:
+                    while time.monotonic() < until:
+                        try:
+                            r = await c.post("/v1/embeddings", json={"model": EMB, "input": "x"})
+                            results.append(r.status_code)
+                        except httpx.HTTPError as e:
+                            results.append(repr(e))
+
+                t0 = time.monotonic()
+                busy = asyncio.gather(*(worker(t0 + 1.5) for _ in range(4)))
+                await asyncio.sleep(0.2)
+                os.kill(gw.proc.pid, signal.SIGTERM)
+                await busy
+                await asyncio.sleep(0.5)  # no stream in flight: the GOAWAY comes now
+                # One request at a time: httpcore fails a second request that races the first
+                # one's reading of the GOAWAY (README, "HTTP/2").
+                await worker(time.monotonic() + 0.6)
+            return results
+
+        results = asyncio.run(run())
+        assert results and all(r == 200 for r in results), [r for r in results if r != 200][:3]
+        lines = [x for x in (gw.logs / "access.log").read_text().splitlines() if "path=/v1/embeddings" in x]
+        clients = {re.findall(r"client=(\S+)", x)[0] for x in lines}
+        assert len(clients) == 2, clients  # one connection while busy, a new one after its GOAWAY
         assert gw.proc.wait(10) == 0
     finally:
         gw.stop()
