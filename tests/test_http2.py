@@ -249,6 +249,9 @@ def test_openai_and_cohere_sdks_over_http2(h2stack: H2Stack) -> None:
 
 
 # ---- a hostile HTTP/2 client ----------------------------------------------------------------
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
 class RawH2:
     """A client that speaks HTTP/2 frame by frame, to do what well-behaved clients never do."""
 
@@ -271,18 +274,23 @@ class RawH2:
             except (BrokenPipeError, ConnectionResetError):
                 self.closed = True
 
-    def request(self, path: str, key: str, body: bytes | None = None, extra: list[tuple[bytes, bytes]] = ()) -> int:  # type: ignore[assignment]
+    def open_stream(self, method: str, path: str, key: str, extra: Headers = (), end: bool = False) -> int:
+        """HEADERS for a new stream, queued (not flushed): the caller adds what it wants."""
         sid = self.conn.get_next_available_stream_id()
         headers = [
-            (b":method", b"POST" if body is not None else b"GET"),
+            (b":method", method.encode()),
             (b":path", path.encode()),
             (b":scheme", b"http"),
             (b":authority", b"127.0.0.1"),
             (b"authorization", f"Bearer {key}".encode()),
-            *([(b"content-type", b"application/json")] if body is not None else []),
+            *([(b"content-type", b"application/json")] if method == "POST" else []),
             *extra,
         ]
-        self.conn.send_headers(sid, headers, end_stream=body is None)
+        self.conn.send_headers(sid, headers, end_stream=end)
+        return sid
+
+    def request(self, path: str, key: str, body: bytes | None = None, extra: Headers = ()) -> int:
+        sid = self.open_stream("POST" if body is not None else "GET", path, key, extra, end=body is None)
         if body is not None:
             self.conn.send_data(sid, body, end_stream=True)
         self.flush()
@@ -370,7 +378,7 @@ def test_idle_connection_goes_away_after_keepalive_timeout(tight: GatewayProc) -
 def test_header_list_over_the_limit_ends_the_connection(tight: GatewayProc) -> None:
     c = RawH2(port_of(tight))
     c.read(0.2)
-    sid = c.request("/v1/models", tight.key, extra=[(b"x-big", b"v" * 8000)])  # --max-header-bytes 4096
+    sid = c.request("/v1/models", tight.key, extra=((b"x-big", b"v" * 8000),))  # --max-header-bytes 4096
     ev = c.until(goaway, 3)
     assert ev is not None and ev.error_code != ErrorCodes.NO_ERROR and c.until(lambda e: False, 1) is None and c.closed
     assert not any(isinstance(e, h2.events.ResponseReceived) and e.stream_id == sid for e in c.events)
@@ -594,10 +602,8 @@ def test_client_goaway_with_a_request_in_the_same_read_leaves_no_traceback(h2sta
     gw = h2stack.plain
     c = RawH2(port_of(gw))
     c.read(0.2)
-    sid = c.conn.get_next_available_stream_id()
-    c.conn.send_headers(sid, [(b":method", b"GET"), (b":path", b"/health/live"), (b":scheme", b"http"),
-                              (b":authority", b"127.0.0.1")], end_stream=True)  # fmt: skip
-    c.conn.close_connection()
+    c.open_stream("GET", "/health/live", gw.key, end=True)
+    c.conn.close_connection()  # in the same write
     c.flush()
     c.read(1)
     time.sleep(0.3)
@@ -611,10 +617,7 @@ def test_an_answer_before_the_body_is_logged_with_its_status(h2stack: H2Stack) -
     gw = h2stack.plain
     c = RawH2(port_of(gw))
     c.read(0.2)
-    sid = c.conn.get_next_available_stream_id()
-    c.conn.send_headers(sid, [(b":method", b"POST"), (b":path", b"/v1/embeddings"), (b":scheme", b"http"),
-                              (b":authority", b"127.0.0.1"), (b"authorization", b"Bearer wrong"),
-                              (b"x-request-id", b"early-401")])  # fmt: skip
+    sid = c.open_stream("POST", "/v1/embeddings", "wrong", ((b"x-request-id", b"early-401"),))
     c.flush()
     ev = c.until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == sid, 3)
     assert ev is not None and ev.error_code == ErrorCodes.NO_ERROR
@@ -631,11 +634,8 @@ def test_expect_100_continue_is_answered_and_date_is_fresh(h2stack: H2Stack) -> 
     gw = h2stack.plain
     c = RawH2(port_of(gw))
     c.read(0.2)
-    sid = c.conn.get_next_available_stream_id()
     body = b'{"model": "%s", "input": "x"}' % EMB.encode()
-    c.conn.send_headers(sid, [(b":method", b"POST"), (b":path", b"/v1/embeddings"), (b":scheme", b"http"),
-                              (b":authority", b"127.0.0.1"), (b"authorization", f"Bearer {gw.key}".encode()),
-                              (b"content-type", b"application/json"), (b"expect", b"100-continue")])  # fmt: skip
+    sid = c.open_stream("POST", "/v1/embeddings", gw.key, ((b"expect", b"100-continue"),))
     c.flush()
     ev = c.until(lambda e: isinstance(e, h2.events.InformationalResponseReceived), 3)
     assert ev is not None and dict(ev.headers)[b":status"] == b"100"
