@@ -53,8 +53,9 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-import orjson
 from h2.errors import ErrorCodes
+
+from .errors import GatewayError
 
 if TYPE_CHECKING:
     from .frontdoor import FrontDoorProtocol
@@ -200,8 +201,7 @@ class H2Protocol(asyncio.Protocol):
         self.going_away = False  # as close_wanted, and new streams are refused meanwhile
         self.closed = False  # GOAWAY sent or the connection failed: nothing more is sent
         self.lost = False
-        self.write_paused = False
-        self.writable: asyncio.Event | None = None
+        self.writable: asyncio.Event | None = None  # set while the socket's send buffer is full
         self.idle_timer: asyncio.TimerHandle | None = None
         self.abort_timer: asyncio.TimerHandle | None = None
         self.header_timeout = front.header_timeout
@@ -298,13 +298,11 @@ class H2Protocol(asyncio.Protocol):
         self.flush()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         self.writable = asyncio.Event()
         if not self.closed:
             self.transport.pause_reading()  # read no more while our answers are not being read
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         if self.writable is not None:
             self.writable.set()
             self.writable = None
@@ -397,18 +395,8 @@ class H2Protocol(asyncio.Protocol):
         except BaseException as e:  # noqa: BLE001 - as uvicorn: log it, answer 500 if we still can
             error_log.error("Exception in ASGI application", exc_info=e)
             if not s.response_started and not s.disconnected and not self.closed:
-                body = orjson.dumps(
-                    {"error": {"message": "internal gateway error", "type": "server_error", "param": None, "code": 500}}
-                )
-                try:
-                    await s.send(
-                        {
-                            "type": "http.response.start",
-                            "status": 500,
-                            "headers": [(b"content-type", b"application/json")],
-                        }
-                    )
-                    await s.send({"type": "http.response.body", "body": body})
+                try:  # the one error envelope (errors.py)
+                    await GatewayError(500, "internal gateway error").response()(s.scope, s.receive, s.send)
                 except Exception:  # noqa: BLE001 - nothing more can be said on this stream
                     pass
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -518,7 +506,7 @@ class H2Protocol(asyncio.Protocol):
             chunk, view = view[:room], view[room:]
             conn.send_data(s.id, chunk.tobytes(), end_stream=end_stream and not view)
             self.flush()
-            if self.write_paused and self.writable is not None:
+            if self.writable is not None:
                 try:
                     await asyncio.wait_for(self.writable.wait(), self.header_timeout)
                 except TimeoutError:
