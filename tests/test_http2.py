@@ -320,7 +320,7 @@ class RawH2:
     def until(self, pred: Any, timeout: float) -> Any:
         end = time.monotonic() + timeout
         while time.monotonic() < end and not self.closed:
-            for ev in self.read(min(0.2, end - time.monotonic())):
+            for ev in self.read(min(0.02, end - time.monotonic())):  # returns soon after the event
                 if pred(ev):
                     return ev
         for ev in self.events:
